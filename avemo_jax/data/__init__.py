@@ -1,0 +1,1 @@
+"""Data: embedded synthetic AffectNet / FEC / unlabelled face sources and the Grain pipeline."""

@@ -1,0 +1,106 @@
+"""The one Grain pipeline builder: random-access sources -> per-epoch shuffle -> augment -> batch.
+
+A training step draws, together (DESIGN.md §1.2), a batch of labelled faces, a batch of FEC
+triplets and (distillation) a batch of unlabelled faces. Every stream is a `grain.MapDataset`,
+so batch i is a pure function of (seed, i): the iterator state is one index, checkpointed with
+the model, and a resumed run sees exactly the batches an uninterrupted run would.
+"""
+import dataclasses
+from collections.abc import Iterator
+
+import grain
+import ml_collections
+import numpy as np
+
+from avemo_jax.data import synthetic
+
+
+@dataclasses.dataclass(frozen=True)
+class Sources:
+  """Random-access sources (`__len__`, `__getitem__` -> dict of numpy arrays)."""
+  train_faces: object
+  train_triplets: object
+  unlabelled: object
+  test_faces: object
+  test_triplets: object
+
+
+def make_sources(data: ml_collections.ConfigDict, seed: int) -> Sources:
+  if data.source != "synthetic":
+    raise ValueError(f"config.data.source={data.source!r}: only 'synthetic' is available")
+  size = data.image_size
+  return Sources(
+      train_faces=synthetic.SyntheticFaces(
+          data.num_train_faces, seed=seed, split="train", size=size, label_noise=data.label_noise),
+      train_triplets=synthetic.SyntheticTriplets(
+          data.num_train_triplets, seed=seed, split="train", size=size,
+          annotator_noise=data.annotator_noise),
+      unlabelled=synthetic.SyntheticUnlabelled(data.num_unlabelled, seed=seed, size=size),
+      test_faces=synthetic.SyntheticFaces(data.num_test_faces, seed=seed, split="test", size=size),
+      test_triplets=synthetic.SyntheticTriplets(
+          data.num_test_triplets, seed=seed, split="test", size=size,
+          annotator_noise=data.annotator_noise))
+
+
+def augment(image_HxWx3: np.ndarray, rng: np.random.Generator, *, pad: int, flip: bool,
+            jitter: float) -> np.ndarray:
+  """Random crop (edge-padded), horizontal flip and brightness/contrast/saturation jitter."""
+  h, w, _ = image_HxWx3.shape
+  x = image_HxWx3
+  if pad:
+    x = np.pad(x, ((pad, pad), (pad, pad), (0, 0)), mode="edge")
+    top, left = rng.integers(0, 2 * pad + 1, size=2)
+    x = x[top:top + h, left:left + w]
+  if flip and rng.random() < 0.5:
+    x = x[:, ::-1]
+  if jitter:
+    brightness, contrast, saturation = 1 + rng.uniform(-jitter, jitter, size=3)
+    x = x.astype(np.float32) * brightness
+    grey = x.mean(axis=-1, keepdims=True)
+    x = grey + saturation * (x - grey)
+    x = x.mean() + contrast * (x - x.mean())
+    x = np.clip(x, 0, 255)
+  return np.ascontiguousarray(x, dtype=np.uint8)
+
+
+def _stream(source, *, seed: int, batch: int, aug) -> grain.MapDataset:
+  """Infinite, reshuffled every epoch, augmented per example, batched."""
+  ds = grain.MapDataset.source(source).seed(seed).shuffle().repeat(None)
+  return ds.random_map(aug).batch(batch, drop_remainder=True)
+
+
+def train_iterator(config: ml_collections.ConfigDict, stage: ml_collections.ConfigDict,
+                   sources: Sources, *, seed: int) -> grain.DatasetIterator:
+  """Checkpointable iterator of {"faces", "triplets"[, "unlabelled"]} batches for one stage."""
+  d = config.data
+  aug = lambda im, rng: augment(im, rng, pad=d.crop_pad, flip=d.flip, jitter=d.colour_jitter)
+  face_aug = lambda ex, rng: {**ex, "image": aug(ex["image"], rng)}
+  triplet_aug = lambda ex, rng: {**ex, "images": np.stack([aug(im, rng) for im in ex["images"]])}
+  streams = {
+      "faces": _stream(sources.train_faces, seed=seed, batch=stage.batch_faces, aug=face_aug),
+      "triplets": _stream(sources.train_triplets, seed=seed + 1, batch=stage.batch_triplets,
+                          aug=triplet_aug),
+  }
+  if stage.batch_unlabelled:
+    streams["unlabelled"] = _stream(sources.unlabelled, seed=seed + 2,
+                                    batch=stage.batch_unlabelled, aug=face_aug)
+  names = tuple(streams)
+  length = min(len(s) for s in streams.values())  # all "infinite": equalise for the zip
+  zipped = grain.experimental.ZipMapDataset([streams[n][:length] for n in names])
+  ds = zipped.map(lambda parts: dict(zip(names, parts)))
+  options = grain.ReadOptions(num_threads=d.num_threads, prefetch_buffer_size=d.prefetch)
+  return iter(ds.to_iter_dataset(options))
+
+
+def eval_batches(source, batch: int, keys: tuple[str, ...]) -> Iterator[dict[str, np.ndarray]]:
+  """The whole source in order, in fixed-size batches; the last is padded, with label -1."""
+  for start in range(0, len(source), batch):
+    items = [source[i] for i in range(start, min(start + batch, len(source)))]
+    out = {k: np.stack([it[k] for it in items]) for k in keys}
+    missing = batch - len(items)
+    if missing:
+      out = {k: np.concatenate([v, np.repeat(v[-1:], missing, axis=0)]) for k, v in out.items()}
+      for k in ("label", "triplet_type"):
+        if k in out:
+          out[k][-missing:] = -1
+    yield out

@@ -1,0 +1,27 @@
+"""Entry point: python -m avemo_jax.main --config=configs/distill.py[:tiny] [--workdir=DIR]."""
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from avemo_jax.train import stages
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (e.g. configs/distill.py).",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", "workdir", "Directory for checkpoints, metrics and plots.")
+flags.mark_flags_as_required(["config"])
+
+
+def _quiet_orbax(record) -> bool:
+  """Orbax logs every file operation at INFO; keep its warnings only."""
+  return "orbax" not in record.pathname or record.levelno >= logging.WARNING
+
+
+def main(argv: list[str]) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  logging.get_absl_logger().addFilter(_quiet_orbax)
+  logging.info("config:\n%s", _CONFIG.value)
+  stages.run(_CONFIG.value, _WORKDIR.value)
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,108 @@
+"""Evaluation metrics (DESIGN.md §3), accumulated on device with clu and reduced on the host.
+
+- acc8 / acc7: accuracy over the 8 AffectNet classes, and over 7 with Contempt (code 7) dropped
+  from both the labels and the predicted classes.
+- macro_f1: unweighted mean of the 8 per-class F1 scores (a class with no support and no
+  predictions counts as 0).
+- fec_triplet_acc: a triplet is right when the two similar faces are closer to each other than
+  both are to the odd one (squared L2 of the embeddings), overall and per triplet type.
+- teacher_agreement: fraction of faces where the student's and teacher's argmax classes agree.
+"""
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+from clu import metrics as clu_metrics
+
+from avemo_jax import losses
+
+TRIPLET_TYPE_NAMES = ("one_class", "two_class", "three_class")
+
+
+def _confusion(num_classes: int):
+  """A clu metric counting (true, predicted) over the first `num_classes` classes.
+
+  Labels outside [0, num_classes) (padding -1, or Contempt for 7 classes) are not counted.
+  """
+
+  @flax.struct.dataclass
+  class Confusion(clu_metrics.Metric):
+    counts: jax.Array  # [true, predicted]
+
+    @classmethod
+    def from_model_output(cls, *, logits: jax.Array, labels: jax.Array, **_) -> "Confusion":
+      pred = jnp.argmax(logits[..., :num_classes], axis=-1)
+      keep = (labels >= 0) & (labels < num_classes)
+      index = jnp.where(keep, labels, 0) * num_classes + pred
+      counts = jnp.zeros(num_classes * num_classes, jnp.int32).at[index].add(keep.astype(jnp.int32))
+      return cls(counts=counts.reshape(num_classes, num_classes))
+
+    def merge(self, other: "Confusion") -> "Confusion":
+      return type(self)(counts=self.counts + other.counts)
+
+    def compute(self) -> jax.Array:
+      return self.counts
+
+  return Confusion
+
+
+@flax.struct.dataclass
+class TripletCounts(clu_metrics.Metric):
+  """Correct and total FEC triplets per type (padding has type -1)."""
+  correct: jax.Array  # [3]
+  total: jax.Array  # [3]
+
+  @classmethod
+  def from_model_output(cls, *, embeddings: jax.Array, labels: jax.Array, triplet_type: jax.Array,
+                        **_) -> "TripletCounts":
+    right = losses.triplet_correct(embeddings, labels).astype(jnp.int32)
+    onehot = jax.nn.one_hot(triplet_type, 3, dtype=jnp.int32)  # all-zero for -1
+    return cls(correct=right @ onehot, total=onehot.sum(0))
+
+  def merge(self, other: "TripletCounts") -> "TripletCounts":
+    return type(self)(correct=self.correct + other.correct, total=self.total + other.total)
+
+  def compute(self) -> tuple[jax.Array, jax.Array]:
+    return self.correct, self.total
+
+
+@flax.struct.dataclass
+class FaceMetrics(clu_metrics.Collection):
+  confusion8: _confusion(8)
+  confusion7: _confusion(7)
+  teacher_agreement: clu_metrics.Average.from_output("agreement")
+
+
+@flax.struct.dataclass
+class TripletMetrics(clu_metrics.Collection):
+  triplets: TripletCounts
+
+
+def macro_f1(confusion: np.ndarray) -> float:
+  """Unweighted mean over classes of F1 = 2 tp / (2 tp + fp + fn)."""
+  tp = np.diag(confusion).astype(np.float64)
+  denom = 2 * tp + (confusion.sum(0) - tp) + (confusion.sum(1) - tp)
+  return float(np.mean(np.where(denom > 0, 2 * tp / np.maximum(denom, 1), 0.0)))
+
+
+def accuracy(confusion: np.ndarray) -> float:
+  return float(np.trace(confusion) / max(confusion.sum(), 1))
+
+
+def summarize(faces: FaceMetrics, triplets: TripletMetrics | None,
+              with_agreement: bool) -> dict[str, Any]:
+  """Host-side reduction to plain floats (and the 8x8 confusion matrix as nested lists)."""
+  values = faces.compute()
+  c8, c7 = np.asarray(values["confusion8"]), np.asarray(values["confusion7"])
+  out: dict[str, Any] = {"acc8": accuracy(c8), "acc7": accuracy(c7), "macro_f1": macro_f1(c8)}
+  if with_agreement:
+    out["teacher_agreement"] = float(values["teacher_agreement"])
+  if triplets is not None:
+    correct, total = (np.asarray(v) for v in triplets.compute()["triplets"])
+    out["fec_triplet_acc"] = float(correct.sum() / max(total.sum(), 1))
+    for name, c, t in zip(TRIPLET_TYPE_NAMES, correct, total):
+      out[f"fec_triplet_acc_{name}"] = float(c / max(t, 1))
+  out["confusion"] = c8.tolist()
+  return out

@@ -1,0 +1,42 @@
+"""The one checkpoint path: Orbax CheckpointManager of {train state, data-iterator state}."""
+import logging
+import pathlib
+
+import grain
+import orbax.checkpoint as ocp
+
+from avemo_jax.train.state import TrainState
+
+
+class Checkpoints:
+  """Saves and restores the train state together with the Grain iterator's position."""
+
+  def __init__(self, directory: pathlib.Path, max_to_keep: int):
+    options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True)
+    self.manager = ocp.CheckpointManager(directory.absolute(), options=options)
+
+  def latest_step(self) -> int | None:
+    return self.manager.latest_step()
+
+  def save(self, step: int, state: TrainState, iterator: grain.DatasetIterator | None) -> None:
+    items = {"state": ocp.args.StandardSave(state)}
+    if iterator is not None:
+      items["data"] = ocp.args.JsonSave(iterator.get_state())
+    self.manager.save(step, args=ocp.args.Composite(**items))
+
+  def restore(self, state: TrainState, iterator: grain.DatasetIterator | None,
+              step: int | None = None) -> TrainState:
+    """Restores into `state`'s structure (and `iterator` in place); latest step by default."""
+    step = self.latest_step() if step is None else step
+    items = {"state": ocp.args.StandardRestore(state)}
+    if iterator is not None:
+      items["data"] = ocp.args.JsonRestore()
+    restored = self.manager.restore(step, args=ocp.args.Composite(**items))
+    if iterator is not None:
+      iterator.set_state(restored["data"])
+    logging.info("restored step %d from %s", step, self.manager.directory)
+    return restored["state"]
+
+  def close(self) -> None:
+    self.manager.wait_until_finished()
+    self.manager.close()

@@ -1,0 +1,46 @@
+"""Train state (params, BatchNorm statistics, optimizer) and its construction."""
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+from flax.training import train_state
+
+
+class TrainState(train_state.TrainState):
+  batch_stats: Any
+
+  @property
+  def variables(self) -> dict[str, Any]:
+    return {"params": self.params, "batch_stats": self.batch_stats}
+
+
+def schedule(stage: ml_collections.ConfigDict) -> optax.Schedule:
+  """Linear warm-up to the peak learning rate, then cosine decay to 0 at the last step."""
+  return optax.warmup_cosine_decay_schedule(
+      init_value=0.0, peak_value=stage.learning_rate, warmup_steps=stage.warmup_steps,
+      decay_steps=max(stage.num_steps, stage.warmup_steps + 1))
+
+
+def make_optimizer(stage: ml_collections.ConfigDict) -> optax.GradientTransformation:
+  """AdamW on the schedule, after global-norm clipping."""
+  return optax.chain(
+      optax.clip_by_global_norm(stage.grad_clip),
+      optax.adamw(schedule(stage), weight_decay=stage.weight_decay))
+
+
+def create(model: nn.Module, stage: ml_collections.ConfigDict, rng: jax.Array,
+           image_shape: tuple[int, int, int], variables: dict[str, Any] | None = None
+           ) -> TrainState:
+  """Initialises (under jit: eager init of a big convnet is slow) or wraps given variables."""
+  if variables is None:
+    init = jax.jit(lambda r: model.init(r, jnp.zeros((1, *image_shape), jnp.uint8), train=False))
+    variables = init(rng)
+  else:  # own buffers: the train step donates the state, and `variables` may be a teacher's
+    variables = jax.tree.map(jnp.copy, variables)
+  state = TrainState.create(apply_fn=model.apply, params=variables["params"],
+                            batch_stats=variables["batch_stats"], tx=make_optimizer(stage))
+  # A Python-int step is weakly typed; the step's output is not: the jit would compile twice.
+  return state.replace(step=jnp.zeros((), jnp.int32))

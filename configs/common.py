@@ -1,0 +1,77 @@
+"""Shared pieces of every config: data, model and one training stage.
+
+Every key the code reads is declared here with a default and a comment; configs are
+locked, so a misspelt `--config.x.y=...` override or read fails loudly.
+"""
+import ml_collections
+
+
+def data_config(tiny: bool) -> ml_collections.ConfigDict:
+  d = ml_collections.ConfigDict()
+  d.source = "synthetic"  # only "synthetic" (embedded, generated) for now
+  d.image_size = 80 if tiny else 140  # face crop side in pixels (the paper uses 140)
+  d.num_train_faces = 512 if tiny else 20_000  # labelled AffectNet-style training faces
+  d.num_train_triplets = 256 if tiny else 10_000  # FEC-style training triplets
+  d.num_unlabelled = 512 if tiny else 20_000  # extra unlabelled faces for distillation
+  d.num_test_faces = 128 if tiny else 600  # held-out identities, clean labels
+  d.num_test_triplets = 96 if tiny else 150  # held-out triplets
+  d.label_noise = 0.05  # fraction of training labels replaced by another class
+  d.annotator_noise = 0.1  # noise of each simulated FEC annotator's distance judgement
+  d.crop_pad = 8  # random crop: pad by this many pixels (edge mode), crop back to image_size
+  d.flip = True  # random horizontal flip
+  d.colour_jitter = 0.2  # max relative brightness / contrast / saturation change
+  d.eval_batch = 24 if tiny else 48  # images per evaluation batch (divisible by 3)
+  d.num_threads = 2  # Grain read threads
+  d.prefetch = 4  # batches prefetched by Grain
+  return d
+
+
+def model_config(tiny: bool) -> ml_collections.ConfigDict:
+  m = ml_collections.ConfigDict()
+  m.cut = "mixed_7a"  # trunk cut point: "mixed_7a" (3x3x1792, the paper) or "block8"
+  m.width = 0.25 if tiny else 1.0  # trunk channel multiplier (1.0 = FaceNet)
+  m.depth = (1, 1, 1) if tiny else (5, 10, 5)  # blocks in repeat_1 / repeat_2 / repeat_3
+  m.proj_features = 32 if tiny else 512  # head: 1x1 conv after the trunk
+  m.dense_layers = 2 if tiny else 5  # head: DenseNet block layers
+  m.growth = 8 if tiny else 64  # head: DenseNet growth rate
+  m.feature_dim = 16 if tiny else 128  # the face feature (fed to fusion later)
+  m.embed_dim = 32  # FEC expression embedding (head A)
+  m.num_classes = 8  # AffectNet expression logits (head B)
+  m.dtype = "float32"  # computation dtype ("float32" or "bfloat16"); params stay float32
+  return m
+
+
+def stage_config(tiny: bool, *, steps: int, lr: float) -> ml_collections.ConfigDict:
+  """One training stage (teacher or student): schedule, batches, loss weights."""
+  s = ml_collections.ConfigDict()
+  s.num_steps = 20 if tiny else steps  # optimizer steps
+  s.batch_faces = 8 if tiny else 16  # labelled faces per step (global batch)
+  s.batch_triplets = 4  # FEC triplets per step (3 faces each)
+  s.batch_unlabelled = 0  # unlabelled faces per step (distillation only)
+  s.learning_rate = lr  # peak Adam learning rate
+  s.warmup_steps = 2 if tiny else 20  # linear warm-up, then cosine decay to 0
+  s.weight_decay = 1e-4  # decoupled (AdamW) weight decay
+  s.grad_clip = 1.0  # global-norm gradient clipping
+  s.triplet_margins = (0.1, 0.2, 0.2)  # per triplet type (one/two/three class), as in FEC
+  s.temperature = 2.0  # distillation softmax temperature
+  s.loss = ml_collections.ConfigDict({"triplet": 1.0, "ce": 0.1})  # term -> weight
+  s.log_every = 5 if tiny else 20  # steps between metric lines
+  s.eval_every = 10 if tiny else 0  # steps between evaluations (0: only at the end)
+  s.checkpoint_every = 10 if tiny else 100  # steps between checkpoints
+  return s
+
+
+def base_config(tiny: bool) -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.seed = 0  # one seed for data, init and augmentation
+  c.data = data_config(tiny)
+  c.model = model_config(tiny)
+  c.stages = ("teacher",)  # stages run in order, each in WORKDIR/<stage>
+  # Sized so that the default distill run (teacher + student, full model, 140x140) finishes in
+  # under 30 minutes on 2 CPU cores (~7 faces/s/step there); a GPU does it in a fraction.
+  c.teacher = stage_config(tiny, steps=220, lr=1e-3)
+  c.student = stage_config(tiny, steps=100, lr=3e-4)
+  c.teacher_checkpoint = ""  # reuse a teacher: path of a teacher stage dir or its checkpoints/
+  c.student_init = "teacher"  # "teacher" (start from its weights) or "scratch"
+  c.max_checkpoints = 2  # checkpoints kept per stage
+  return c

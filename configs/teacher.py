@@ -1,0 +1,14 @@
+"""Teacher: FEC triplet loss + 0.1 * AffectNet cross entropy on a shared trunk (paper §3.1).
+
+  python -m avemo_jax.main --config=configs/teacher.py[:tiny]
+"""
+import ml_collections
+
+from configs import common
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  config = common.base_config(tiny=arg == "tiny")
+  config.stages = ("teacher",)
+  config.lock()
+  return config

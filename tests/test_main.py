@@ -1,0 +1,34 @@
+"""The command line: `python -m avemo_jax.main --config=... --workdir=...` with overrides."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _main(*args: str) -> subprocess.CompletedProcess:
+  return subprocess.run([sys.executable, "-m", "avemo_jax.main", *args], cwd=ROOT,
+                        capture_output=True, text=True, timeout=600, env=os.environ.copy())
+
+
+def test_cli_runs_teacher_with_overrides(tmp_path):
+  result = _main("--config=configs/teacher.py:tiny", f"--workdir={tmp_path}",
+                 "--config.teacher.num_steps=4", "--config.teacher.log_every=2")
+  assert result.returncode == 0, result.stderr[-3000:]
+  summary = json.loads((tmp_path / "summary.json").read_text())
+  assert set(summary) == {"teacher"}
+  steps = [json.loads(l)["step"] for l in (tmp_path / "teacher" / "metrics.jsonl").open()]
+  assert steps == [2, 4, 4]  # two training lines, then the final evaluation
+  assert "[teacher] step 4/4" in result.stderr  # the progress line
+
+
+@pytest.mark.parametrize("override,culprit", [("--config.teacher.num_stepz=3", "num_stepz"),
+                                               ("--config.modle.width=1", "modle")])
+def test_cli_rejects_misspelt_key(tmp_path, override, culprit):
+  result = _main("--config=configs/teacher.py:tiny", f"--workdir={tmp_path}", override)
+  assert result.returncode != 0
+  assert culprit in result.stderr
+  assert not (tmp_path / "summary.json").exists()

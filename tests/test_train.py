@@ -1,0 +1,95 @@
+"""The training steps and the loop on `:tiny` configs: gradients, compilation, end to end, resume."""
+import functools
+import json
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from avemo_jax.data import pipeline
+from avemo_jax.train import stages, steps
+from avemo_jax.train import state as state_lib
+from configs import distill, teacher
+
+
+def _tiny(config_module, **stage_overrides):
+  config = config_module.get_config("tiny")
+  for stage in ("teacher", "student"):
+    for key, value in stage_overrides.items():
+      config[stage][key] = value
+  return config
+
+
+@pytest.fixture(scope="module")
+def setup():
+  config = _tiny(distill)
+  sources = pipeline.make_sources(config.data, config.seed)
+  model = stages.face_model(config.model)
+  size = config.data.image_size
+  teacher_state = state_lib.create(model, config.teacher, jax.random.key(0), (size, size, 3))
+  batch = next(pipeline.train_iterator(config, config.student, sources, seed=0))
+  return config, model, teacher_state, batch
+
+
+def test_teacher_receives_no_gradient(setup):
+  config, _, teacher_state, batch = setup
+  student = state_lib.create(stages.face_model(config.model), config.student,
+                             jax.random.key(1), batch["faces"]["image"].shape[1:])
+  cfg = config.student
+  loss = functools.partial(steps.distill_loss, apply_fn=student.apply_fn, weights=dict(cfg.loss),
+                           margins=tuple(cfg.triplet_margins), temperature=cfg.temperature)
+  grad = jax.jit(jax.grad(lambda p, t: loss(p, student.batch_stats, t, batch)[0], argnums=(0, 1)))
+  g_student, g_teacher = grad(student.params, teacher_state.variables)
+  assert all(float(jnp.abs(g).max()) == 0.0 for g in jax.tree.leaves(g_teacher))
+  assert float(sum(jnp.abs(g).sum() for g in jax.tree.leaves(g_student))) > 0
+
+
+def test_distill_step_compiles_once_and_leaves_teacher_unchanged(setup):
+  config, model, teacher_state, _ = setup
+  cfg = config.student
+  teacher_vars = teacher_state.variables
+  before = jax.tree.map(np.asarray, teacher_vars)
+  state = state_lib.create(model, cfg, jax.random.key(1), (80, 80, 3), teacher_vars)
+  step = jax.jit(functools.partial(
+      steps.distill_step, weights=dict(cfg.loss), margins=tuple(cfg.triplet_margins),
+      temperature=cfg.temperature), donate_argnums=0)
+  batches = pipeline.train_iterator(config, cfg, pipeline.make_sources(config.data, 0), seed=3)
+  for _ in range(3):
+    state, metrics = step(state, teacher_vars, next(batches))
+  assert step._cache_size() == 1
+  assert int(state.step) == 3 and np.isfinite(float(metrics["loss"]))
+  assert set(dict(cfg.loss)) <= set(metrics)  # every weighted term is logged
+  jax.tree.map(np.testing.assert_array_equal, before, jax.tree.map(np.asarray, teacher_vars))
+
+
+def test_tiny_distill_end_to_end(tmp_path):
+  summary = stages.run(_tiny(distill), tmp_path)
+  for stage in ("teacher", "student"):
+    for key in ("acc8", "acc7", "macro_f1", "fec_triplet_acc"):
+      assert 0.0 <= summary[stage][key] <= 1.0
+    lines = [json.loads(l) for l in (tmp_path / stage / "metrics.jsonl").read_text().splitlines()]
+    assert lines[-1]["step"] == 20 and "eval_acc8" in lines[-1]
+    assert any("loss" in l and "steps_per_sec" in l and "learning_rate" in l for l in lines)
+    assert (tmp_path / stage / "confusion.png").stat().st_size > 10_000
+    assert list((tmp_path / stage).glob("events.out.tfevents.*"))
+  assert "teacher_agreement" in summary["student"]
+  assert json.loads((tmp_path / "summary.json").read_text())["student"]["acc8"] == \
+      summary["student"]["acc8"]
+  assert (tmp_path / "sample_faces.png").stat().st_size > 50_000
+
+
+def test_resume_equals_uninterrupted(tmp_path):
+  config = _tiny(teacher, num_steps=8, checkpoint_every=4, eval_every=0, log_every=4)
+  whole = stages.run(config, tmp_path / "whole")
+  # Interrupted: the same run, with its newest checkpoint gone (as if killed after step 4).
+  stages.run(config, tmp_path / "cut")
+  ckpts = tmp_path / "cut" / "teacher" / "checkpoints"
+  shutil.rmtree(ckpts / "8")
+  resumed = stages.run(config, tmp_path / "cut")
+  drop = lambda s: {k: v for k, v in s["teacher"].items() if k != "train_seconds"}
+  assert drop(resumed) == drop(whole)
+  read = lambda d: [json.loads(l) for l in (d / "teacher" / "metrics.jsonl").read_text().splitlines()]
+  losses = lambda d: [l["loss"] for l in read(d) if "loss" in l]
+  assert losses(tmp_path / "cut") == losses(tmp_path / "whole")
