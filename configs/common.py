@@ -69,8 +69,8 @@ def base_config(tiny: bool) -> ml_collections.ConfigDict:
   c.stages = ("teacher",)  # stages run in order, each in WORKDIR/<stage>
   # Sized so that the default distill run (teacher + student, full model, 140x140) finishes in
   # under 30 minutes on 2 CPU cores (~7 faces/s/step there); a GPU does it in a fraction.
-  c.teacher = stage_config(tiny, steps=220, lr=1e-3)
-  c.student = stage_config(tiny, steps=100, lr=3e-4)
+  c.teacher = stage_config(tiny, steps=230, lr=2e-3)
+  c.student = stage_config(tiny, steps=60, lr=5e-4)
   c.teacher_checkpoint = ""  # reuse a teacher: path of a teacher stage dir or its checkpoints/
   c.student_init = "teacher"  # "teacher" (start from its weights) or "scratch"
   c.max_checkpoints = 2  # checkpoints kept per stage

@@ -93,3 +93,15 @@ def test_resume_equals_uninterrupted(tmp_path):
   read = lambda d: [json.loads(l) for l in (d / "teacher" / "metrics.jsonl").read_text().splitlines()]
   losses = lambda d: [l["loss"] for l in read(d) if "loss" in l]
   assert losses(tmp_path / "cut") == losses(tmp_path / "whole")
+
+
+def test_student_from_teacher_checkpoint(tmp_path):
+  stages.run(_tiny(teacher, num_steps=2, eval_every=0), tmp_path / "t")
+  config = _tiny(distill, num_steps=2, eval_every=0)
+  config.stages = ("student",)
+  config.teacher_checkpoint = str(tmp_path / "nowhere")
+  with pytest.raises(FileNotFoundError, match="nowhere"):
+    stages.run(config, tmp_path / "s")
+  config.teacher_checkpoint = str(tmp_path / "t" / "teacher")
+  summary = stages.run(config, tmp_path / "s")
+  assert set(summary) == {"student"} and "teacher_agreement" in summary["student"]

@@ -64,7 +64,7 @@ def random_identity(rng: np.random.Generator) -> Identity:
       hair_part=u(-0.25, 0.25),
       eye_spacing=u(0.22, 0.27), eye_size=u(0.105, 0.13), eye_y=u(-0.14, -0.08),
       iris=tup(np.array([0.30, 0.18, 0.08]) * u(0.3, 1) + np.array([0.1, 0.25, 0.4]) * u(0, 0.8)),
-      brow_gap=u(0.14, 0.18), brow_thickness=u(0.018, 0.030), nose_y=u(0.18, 0.25),
+      brow_gap=u(0.14, 0.18), brow_thickness=u(0.032, 0.045), nose_y=u(0.18, 0.25),
       mouth_y=u(0.45, 0.52), mouth_w=u(0.17, 0.21), lip_thickness=u(0.028, 0.042),
       lips=tup(np.clip(lips, 0, 1)), background=(tup(u(0.1, 0.9, 3)), tup(u(0.1, 0.9, 3))),
       background_angle=u(0, 2 * math.pi), shirt=tup(u(0.05, 0.8, 3)))
@@ -179,7 +179,7 @@ def _draw_brows(cv: _Canvas, e: list[float], idn: Identity) -> None:
   colour = np.minimum(idn.hair, _shade(idn.skin, 0.45))  # brows are always darker than skin
   half = 0.115
   base = idn.eye_y - idn.brow_gap - 0.09 * raise_ - 0.02 * inner_up + 0.055 * furrow
-  tilt = 0.07 * inner_up - 0.075 * furrow  # >0: inner end higher than outer end
+  tilt = 0.11 * inner_up - 0.11 * furrow  # >0: inner end higher than outer end
   arch = 0.02 + 0.045 * raise_ - 0.025 * inner_up - 0.01 * furrow
   cx = idn.eye_spacing + 0.015 - 0.03 * furrow  # furrowing pulls the brows together
   win = cv.window(-cx - half - 0.02, cx + half + 0.02, base - 0.1, base + 0.1)
@@ -252,9 +252,9 @@ def _draw_mouth(cv: _Canvas, e: list[float], idn: Identity) -> None:
   q = np.sqrt(np.maximum(1.0 - s2, 0.0))  # elliptic profile, 0 at the corners
   flat = np.sqrt(q)  # squarer profile for stretched / snarling mouths
   # Mid line: corners up for a smile, down for a frown, one corner up for contempt.
-  centre = my + (0.1 * frown - 0.085 * smile) * s2
+  centre = my + (0.15 * frown - 0.12 * smile) * s2
   if asym > 0:
-    centre -= 0.13 * asym * np.square(np.maximum(s, 0.0))
+    centre -= 0.18 * asym * np.square(np.maximum(s, 0.0))
   up_open = (0.02 * smile + 0.05 * opened + 0.012 * stretch) * q + 0.05 * lip_raise * flat
   down_open = (0.16 * opened + 0.035 * stretch + 0.02 * smile) * (q + stretch * (flat - q))
   top_in, bot_in = centre - up_open, centre + down_open
