@@ -1,4 +1,6 @@
-"""Teacher: FEC triplet loss + 0.1 * AffectNet cross entropy on a shared trunk (paper §3.1).
+"""Teacher: FEC triplet loss + w * AffectNet cross entropy on a shared trunk (paper §3.1).
+
+The paper's w = 0.1 assumes a pretrained trunk: --config.teacher.loss.ce=0.1 (default 1.0).
 
   python -m avemo_jax.main --config=configs/teacher.py[:tiny]
 """
