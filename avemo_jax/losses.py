@@ -64,3 +64,22 @@ def combine(terms: Mapping[str, jax.Array], weights: Mapping[str, float]):
   means = {name: jnp.mean(value) for name, value in terms.items() if name in weights}
   total = sum(weights[name] * value for name, value in means.items())
   return total, means
+
+
+def ccc(pred_N: jax.Array, target_N: jax.Array, mask_N: jax.Array | None = None) -> jax.Array:
+  """Concordance correlation coefficient over the last axis (masked, population moments).
+
+  2 cov(x, y) / (var(x) + var(y) + (mean(x) - mean(y))^2); differentiable, so 1 - CCC is a loss.
+  `mask_N` (0/1) leaves padded frames out; leading axes are batched (e.g. [2, N] for valence and
+  arousal).
+  """
+  w = jnp.ones_like(pred_N) if mask_N is None else jnp.broadcast_to(mask_N, pred_N.shape)
+  w = w.astype(pred_N.dtype)
+  n = jnp.maximum(jnp.sum(w, axis=-1, keepdims=True), 1.0)
+  mx = jnp.sum(w * pred_N, axis=-1, keepdims=True) / n
+  my = jnp.sum(w * target_N, axis=-1, keepdims=True) / n
+  dx, dy = pred_N - mx, target_N - my
+  var_x = jnp.sum(w * dx * dx, axis=-1) / n[..., 0]
+  var_y = jnp.sum(w * dy * dy, axis=-1) / n[..., 0]
+  cov = jnp.sum(w * dx * dy, axis=-1) / n[..., 0]
+  return 2 * cov / (var_x + var_y + jnp.square(mx - my)[..., 0] + 1e-8)

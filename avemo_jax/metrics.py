@@ -7,6 +7,9 @@
 - fec_triplet_acc: a triplet is right when the two similar faces are closer to each other than
   both are to the odd one (squared L2 of the embeddings), overall and per triplet type.
 - teacher_agreement: fraction of faces where the student's and teacher's argmax classes agree.
+- ccc: concordance correlation coefficient with population (1/N) moments, reported for valence
+  and arousal both over all dev recordings concatenated (the AVEC convention, `ccc_valence`) and
+  as the mean of per-recording values (`ccc_valence_mean`).
 """
 from typing import Any
 
@@ -105,4 +108,26 @@ def summarize(faces: FaceMetrics, triplets: TripletMetrics | None,
     for name, c, t in zip(TRIPLET_TYPE_NAMES, correct, total):
       out[f"fec_triplet_acc_{name}"] = float(c / max(t, 1))
   out["confusion"] = c8.tolist()
+  return out
+
+
+def ccc(x: np.ndarray, y: np.ndarray) -> float:
+  """CCC of two 1-D arrays in float64: 2 cov / (var x + var y + (mean x - mean y)^2)."""
+  x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+  if x.ndim != 1 or x.shape != y.shape or not x.size:
+    raise ValueError(f"ccc needs two non-empty 1-D arrays of one length, got {x.shape} and {y.shape}")
+  cov = np.mean((x - x.mean()) * (y - y.mean()))
+  denom = x.var() + y.var() + (x.mean() - y.mean()) ** 2
+  return float(2 * cov / denom) if denom > 0 else 0.0
+
+
+def ccc_report(preds: list[np.ndarray], targets: list[np.ndarray]) -> dict[str, float]:
+  """CCC per dimension of per-recording [T_r, 2] (valence, arousal) predictions: concatenated
+  over recordings (`ccc_valence`) and the mean of per-recording values (`ccc_valence_mean`)."""
+  out = {}
+  for d, name in enumerate(("valence", "arousal")):
+    out[f"ccc_{name}"] = ccc(np.concatenate([p[:, d] for p in preds]),
+                             np.concatenate([t[:, d] for t in targets]))
+    out[f"ccc_{name}_mean"] = float(np.mean([ccc(p[:, d], t[:, d])
+                                             for p, t in zip(preds, targets)]))
   return out

@@ -27,3 +27,22 @@ def confusion_matrix_png(confusion: np.ndarray, class_names: Sequence[str], path
   fig.tight_layout()
   fig.savefig(path, dpi=100)
   plt.close(fig)
+
+
+def valence_arousal_png(truth_Tx2: np.ndarray, predictions: dict[str, np.ndarray],
+                        path: pathlib.Path, title: str, fps: float = 25.0) -> None:
+  """Valence (top) and arousal (bottom) over time: gold standard and each model's prediction."""
+  t = np.arange(len(truth_Tx2)) / fps
+  fig, axes = plt.subplots(2, 1, figsize=(10, 5), sharex=True)
+  for d, (ax, name) in enumerate(zip(axes, ("valence", "arousal"))):
+    ax.plot(t, truth_Tx2[:, d], color="black", linewidth=2, label="gold standard")
+    for model, pred_Tx2 in predictions.items():
+      ax.plot(t, pred_Tx2[:len(t), d], linewidth=1, label=model)
+    ax.set(ylabel=name, ylim=(-1.1, 1.1))
+    ax.grid(alpha=0.3)
+  axes[0].set_title(title)
+  axes[0].legend(loc="upper right", fontsize=8, ncol=len(predictions) + 1)
+  axes[1].set_xlabel("time (s)")
+  fig.tight_layout()
+  fig.savefig(path, dpi=80)
+  plt.close(fig)

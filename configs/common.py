@@ -41,26 +41,74 @@ def model_config(tiny: bool) -> ml_collections.ConfigDict:
   return m
 
 
-def stage_config(tiny: bool, *, steps: int, lr: float) -> ml_collections.ConfigDict:
-  """One training stage (teacher or student): schedule, batches, loss weights."""
+def schedule_config(tiny: bool, *, steps: int, lr: float) -> ml_collections.ConfigDict:
+  """What every training stage has: optimizer schedule, logging, evaluation, checkpoints."""
   s = ml_collections.ConfigDict()
   s.num_steps = 20 if tiny else steps  # optimizer steps
-  s.batch_faces = 8 if tiny else 16  # labelled faces per step (global batch)
-  s.batch_triplets = 4  # FEC triplets per step (3 faces each)
-  s.batch_unlabelled = 0  # unlabelled faces per step (distillation only)
   s.learning_rate = lr  # peak Adam learning rate
   s.warmup_steps = 2 if tiny else 20  # linear warm-up, then cosine decay to 0
   s.weight_decay = 1e-4  # decoupled (AdamW) weight decay
   s.grad_clip = 1.0  # global-norm gradient clipping
+  s.log_every = 5 if tiny else 20  # steps between metric lines
+  s.eval_every = 10 if tiny else 0  # steps between evaluations (0: only at the end)
+  s.checkpoint_every = 10 if tiny else 100  # steps between checkpoints
+  return s
+
+
+def stage_config(tiny: bool, *, steps: int, lr: float) -> ml_collections.ConfigDict:
+  """One face training stage (teacher or student): schedule, batches, loss weights."""
+  s = schedule_config(tiny, steps=steps, lr=lr)
+  s.batch_faces = 8 if tiny else 16  # labelled faces per step (global batch)
+  s.batch_triplets = 4  # FEC triplets per step (3 faces each)
+  s.batch_unlabelled = 0  # unlabelled faces per step (distillation only)
   s.triplet_margins = (0.1, 0.2, 0.2)  # per triplet type (one/two/three class), as in FEC
   s.temperature = 2.0  # distillation softmax temperature
   # term -> weight. The paper uses triplet + 0.1 CE on a VGGFace2-pretrained trunk; from random
   # init the trunk needs the CE gradient (measured: acc8 0.40 vs 0.6+ in the default run), so 1.0.
   s.loss = ml_collections.ConfigDict({"triplet": 1.0, "ce": 1.0})
-  s.log_every = 5 if tiny else 20  # steps between metric lines
-  s.eval_every = 10 if tiny else 0  # steps between evaluations (0: only at the end)
-  s.checkpoint_every = 10 if tiny else 100  # steps between checkpoints
   return s
+
+
+def sequence_config(tiny: bool) -> ml_collections.ConfigDict:
+  """Synthetic audio-visual recordings (the RECOLA stand-in) and audio clips."""
+  q = ml_collections.ConfigDict()
+  # Many short training recordings: the fusion GRU must generalise across people and voices.
+  q.num_train = 4 if tiny else 40  # training recordings
+  q.train_seconds = 4.0 if tiny else 6.0  # length of each (25 label frames a second)
+  q.num_dev = 2 if tiny else 5  # dev recordings (held-out people and voices)
+  q.dev_seconds = 8.0 if tiny else 20.0  # length of each
+  q.num_train_clips = 256 if tiny else 8_000  # 1 s voice clips for the audio stage
+  q.num_dev_clips = 64 if tiny else 512  # held-out clips for the audio stage's evaluation
+  q.feature_batch = 25 if tiny else 75  # frames per forward pass of the frozen extractors
+  return q
+
+
+def audio_config(tiny: bool) -> ml_collections.ConfigDict:
+  """VGGish encoder (full: 72,141,184 parameters) and its clip-regression training stage."""
+  a = ml_collections.ConfigDict()
+  a.width = 0.125 if tiny else 1.0  # conv channel multiplier (1.0 = VGGish)
+  a.fc_dim = 64 if tiny else 4096  # the two hidden fully connected layers
+  a.embed_dim = 16 if tiny else 128  # the audio embedding fed to fusion
+  a.dtype = "float32"  # computation dtype; params stay float32
+  a.train = schedule_config(tiny, steps=200, lr=3e-4)
+  a.train.batch = 16 if tiny else 32  # clips (one 0.96 s log-mel example each) per step
+  # term -> weight: "ccc" (1 - CCC over the batch, per dimension) and/or "mse".
+  a.train.loss = ml_collections.ConfigDict({"ccc": 1.0, "mse": 1.0})
+  return a
+
+
+def fusion_config(tiny: bool) -> ml_collections.ConfigDict:
+  """GRU over per-frame [face feature, audio embedding]; one model per entry of `models`."""
+  f = ml_collections.ConfigDict()
+  f.models = ("audio", "visual", "fused")  # trained and reported in this order
+  f.hidden = 16 if tiny else 64  # GRU units
+  f.num_layers = 1  # stacked GRU layers
+  f.dropout = 0.2  # on the concatenated input features
+  f.chunk_frames = 50 if tiny else 100  # training sub-sequence length (4 s at 25 Hz)
+  f.train = schedule_config(tiny, steps=400, lr=2e-3)
+  f.train.batch = 4 if tiny else 8  # sub-sequences per step
+  f.train.loss = ml_collections.ConfigDict({"ccc": 1.0})  # "ccc" and/or "mse", as for audio
+  return f
 
 
 def base_config(tiny: bool) -> ml_collections.ConfigDict:
@@ -72,8 +120,13 @@ def base_config(tiny: bool) -> ml_collections.ConfigDict:
   # Sized so that the default distill run (teacher + student, full model, 140x140) finishes in
   # under 30 minutes on 2 CPU cores (~7 faces/s/step there); a GPU does it in a fraction.
   c.teacher = stage_config(tiny, steps=230, lr=2e-3)
-  c.student = stage_config(tiny, steps=60, lr=5e-4)
+  c.student = stage_config(tiny, steps=60, lr=2.5e-4)
   c.teacher_checkpoint = ""  # reuse a teacher: path of a teacher stage dir or its checkpoints/
   c.student_init = "teacher"  # "teacher" (start from its weights) or "scratch"
   c.max_checkpoints = 2  # checkpoints kept per stage
+  c.sequences = sequence_config(tiny)
+  c.audio = audio_config(tiny)
+  c.fusion = fusion_config(tiny)
+  c.student_checkpoint = ""  # fusion: reuse a student (stage dir or checkpoints/) instead of training
+  c.audio_checkpoint = ""  # fusion: reuse an audio encoder (stage dir or checkpoints/)
   return c

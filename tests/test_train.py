@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from avemo_jax.data import pipeline
-from avemo_jax.train import stages, steps
+from avemo_jax.train import build, stages, steps
 from avemo_jax.train import state as state_lib
 from configs import distill, teacher
 
@@ -26,17 +26,18 @@ def _tiny(config_module, **stage_overrides):
 def setup():
   config = _tiny(distill)
   sources = pipeline.make_sources(config.data, config.seed)
-  model = stages.face_model(config.model)
+  model = build.face_model(config.model)
   size = config.data.image_size
-  teacher_state = state_lib.create(model, config.teacher, jax.random.key(0), (size, size, 3))
+  teacher_state = state_lib.create(model, config.teacher, jax.random.key(0),
+                                   build.face_inputs(size))
   batch = next(pipeline.train_iterator(config, config.student, sources, seed=0))
   return config, model, teacher_state, batch
 
 
 def test_teacher_receives_no_gradient(setup):
   config, _, teacher_state, batch = setup
-  student = state_lib.create(stages.face_model(config.model), config.student,
-                             jax.random.key(1), batch["faces"]["image"].shape[1:])
+  student = state_lib.create(build.face_model(config.model), config.student,
+                             jax.random.key(1), build.face_inputs(config.data.image_size))
   cfg = config.student
   loss = functools.partial(steps.distill_loss, apply_fn=student.apply_fn, weights=dict(cfg.loss),
                            margins=tuple(cfg.triplet_margins), temperature=cfg.temperature)
@@ -51,7 +52,7 @@ def test_distill_step_compiles_once_and_leaves_teacher_unchanged(setup):
   cfg = config.student
   teacher_vars = teacher_state.variables
   before = jax.tree.map(np.asarray, teacher_vars)
-  state = state_lib.create(model, cfg, jax.random.key(1), (80, 80, 3), teacher_vars)
+  state = state_lib.create(model, cfg, jax.random.key(1), build.face_inputs(80), teacher_vars)
   step = jax.jit(functools.partial(
       steps.distill_step, weights=dict(cfg.loss), margins=tuple(cfg.triplet_margins),
       temperature=cfg.temperature), donate_argnums=0)

@@ -1,5 +1,8 @@
 """The one Grain pipeline builder: random-access sources -> per-epoch shuffle -> augment -> batch.
 
+Face stages zip three streams (below); the audio stage batches log-mel examples of voice clips;
+the fusion stage batches random windows of recordings' cached per-frame features.
+
 A training step draws, together (DESIGN.md §1.2), a batch of labelled faces, a batch of FEC
 triplets and (distillation) a batch of unlabelled faces. Every stream is a `grain.MapDataset`,
 so batch i is a pure function of (seed, i): the iterator state is one index, checkpointed with
@@ -12,7 +15,7 @@ import grain
 import ml_collections
 import numpy as np
 
-from avemo_jax.data import synthetic
+from avemo_jax.data import audio_features, synthetic
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,9 +90,41 @@ def train_iterator(config: ml_collections.ConfigDict, stage: ml_collections.Conf
   names = tuple(streams)
   length = min(len(s) for s in streams.values())  # all "infinite": equalise for the zip
   zipped = grain.experimental.ZipMapDataset([streams[n][:length] for n in names])
-  ds = zipped.map(lambda parts: dict(zip(names, parts)))
-  options = grain.ReadOptions(num_threads=d.num_threads, prefetch_buffer_size=d.prefetch)
+  return _iterator(zipped.map(lambda parts: dict(zip(names, parts))), d)
+
+
+def _iterator(ds: grain.MapDataset, data: ml_collections.ConfigDict) -> grain.DatasetIterator:
+  options = grain.ReadOptions(num_threads=data.num_threads, prefetch_buffer_size=data.prefetch)
   return iter(ds.to_iter_dataset(options))
+
+
+def clip_iterator(clips, *, seed: int, batch: int, data: ml_collections.ConfigDict
+                  ) -> grain.DatasetIterator:
+  """Audio stage: {"mel" Bx96x64, "labels" Bx2} from a source of {"audio", "labels"} clips."""
+  to_example = lambda ex: {"mel": audio_features.waveform_to_examples(
+      ex["audio"], audio_features.SAMPLE_RATE)[0], "labels": ex["labels"]}
+  ds = grain.MapDataset.source(clips).seed(seed).shuffle().repeat(None).map(to_example)
+  return _iterator(ds.batch(batch, drop_remainder=True), data)
+
+
+def chunk_iterator(features: dict[str, np.ndarray], *, seed: int, batch: int, frames: int,
+                   data: ml_collections.ConfigDict) -> grain.DatasetIterator:
+  """Fusion stage: random `frames`-long windows of whole recordings' cached features.
+
+  `features` holds "labels" [R, T, 2], "lengths" [R] and one [R, T, D] array per modality;
+  a window of a recording shorter than `frames` is zero-padded and its "lengths" entry says so.
+  """
+  keys = [k for k in features if k != "lengths"]
+
+  def window(r: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    length = int(features["lengths"][r])
+    start = int(rng.integers(0, max(length - frames, 0) + 1))
+    out = {k: features[k][r, start:start + min(frames, length)] for k in keys}
+    out = {k: np.pad(v, [(0, frames - len(v))] + [(0, 0)] * (v.ndim - 1)) for k, v in out.items()}
+    return {**out, "lengths": np.int32(min(frames, length))}
+
+  ds = grain.MapDataset.range(len(features["lengths"])).seed(seed).shuffle().repeat(None)
+  return _iterator(ds.random_map(window).batch(batch, drop_remainder=True), data)
 
 
 def eval_batches(source, batch: int, keys: tuple[str, ...]) -> Iterator[dict[str, np.ndarray]]:

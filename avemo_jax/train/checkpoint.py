@@ -1,6 +1,7 @@
 """The one checkpoint path: Orbax CheckpointManager of {train state, data-iterator state}."""
 import logging
 import pathlib
+from typing import Any
 
 import grain
 import orbax.checkpoint as ocp
@@ -40,3 +41,25 @@ class Checkpoints:
   def close(self) -> None:
     self.manager.wait_until_finished()
     self.manager.close()
+
+
+def load_variables(path: str, template: TrainState, what: str) -> dict[str, Any]:
+  """Model variables of the newest checkpoint in a stage directory (or its checkpoints/ folder).
+
+  `template` is a (possibly abstract, `jax.eval_shape`) state of the same model and optimizer;
+  `what` names the config key in errors.
+  """
+  directory = pathlib.Path(path)
+  if (directory / "checkpoints").is_dir():
+    directory = directory / "checkpoints"
+  if not directory.is_dir():
+    raise FileNotFoundError(f"{what}={path!r}: no such directory; give a stage directory "
+                            "(e.g. WORKDIR/student) or its checkpoints/ folder")
+  checkpoints = Checkpoints(directory, max_to_keep=1)
+  if checkpoints.latest_step() is None:
+    raise FileNotFoundError(f"{what}={path!r}: no Orbax checkpoint in {directory}; give a stage "
+                            "directory (e.g. WORKDIR/student) or its checkpoints/ folder")
+  try:
+    return checkpoints.restore(template, None).variables
+  finally:
+    checkpoints.manager.close()

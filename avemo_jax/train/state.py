@@ -14,6 +14,8 @@ class TrainState(train_state.TrainState):
 
   @property
   def variables(self) -> dict[str, Any]:
+    if not self.batch_stats:
+      return {"params": self.params}
     return {"params": self.params, "batch_stats": self.batch_stats}
 
 
@@ -32,15 +34,14 @@ def make_optimizer(stage: ml_collections.ConfigDict) -> optax.GradientTransforma
 
 
 def create(model: nn.Module, stage: ml_collections.ConfigDict, rng: jax.Array,
-           image_shape: tuple[int, int, int], variables: dict[str, Any] | None = None
-           ) -> TrainState:
-  """Initialises (under jit: eager init of a big convnet is slow) or wraps given variables."""
+           inputs: tuple[Any, ...], variables: dict[str, Any] | None = None) -> TrainState:
+  """Initialises on example `inputs` (under jit: eager init of a big convnet is slow) or wraps
+  given variables. Models without BatchNorm get empty `batch_stats`."""
   if variables is None:
-    init = jax.jit(lambda r: model.init(r, jnp.zeros((1, *image_shape), jnp.uint8), train=False))
-    variables = init(rng)
+    variables = jax.jit(lambda r, xs: model.init(r, *xs, train=False))(rng, inputs)
   else:  # own buffers: the train step donates the state, and `variables` may be a teacher's
     variables = jax.tree.map(jnp.copy, variables)
   state = TrainState.create(apply_fn=model.apply, params=variables["params"],
-                            batch_stats=variables["batch_stats"], tx=make_optimizer(stage))
+                            batch_stats=variables.get("batch_stats", {}), tx=make_optimizer(stage))
   # A Python-int step is weakly typed; the step's output is not: the jit would compile twice.
   return state.replace(step=jnp.zeros((), jnp.int32))

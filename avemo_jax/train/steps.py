@@ -1,6 +1,6 @@
 """Pure train and eval steps. Bind the static arguments with functools.partial, then jit once.
 
-A step sees one batch {"faces": {"image" BxHxWx3, "label" B}, "triplets": {"images" Tx3xHxWx3,
+A face step sees one batch {"faces": {"image" BxHxWx3, "label" B}, "triplets": {"images" Tx3xHxWx3,
 "label" T, "triplet_type" T}[, "unlabelled": {"image" UxHxWx3}]}; all faces of the step go
 through the network in one pass (so BatchNorm sees the whole step's faces, as in the paper's
 shared trunk), and the outputs are split back per stream.
@@ -106,6 +106,52 @@ def distill_step(state: TrainState, teacher_variables, batch: Mapping[str, Any],
       params, state.batch_stats, teacher_variables, batch, apply_fn=state.apply_fn,
       weights=weights, margins=margins, temperature=temperature)
   return _apply_gradients(state, loss_fn)
+
+
+def _va_terms(pred_Nx2: jax.Array, target_Nx2: jax.Array, mask_N: jax.Array) -> Metrics:
+  """Valence/arousal regression terms: "ccc" (1 - CCC per dimension, over all valid frames of
+  the batch) and "mse"; per-dimension CCCs are logged too."""
+  ccc_2 = losses.ccc(pred_Nx2.T, target_Nx2.T, mask_N)
+  mask = mask_N.astype(pred_Nx2.dtype)[:, None]
+  mse = jnp.sum(mask * jnp.square(pred_Nx2 - target_Nx2), 0) / jnp.maximum(jnp.sum(mask), 1.0)
+  return {"ccc": 1.0 - ccc_2, "mse": mse,
+          "train_ccc_valence": ccc_2[0], "train_ccc_arousal": ccc_2[1]}
+
+
+def _regression_update(state: TrainState, forward: Callable, target_Nx2: jax.Array,
+                       mask_N: jax.Array, weights: Mapping[str, float]):
+  def loss_fn(params):
+    pred_Nx2 = forward(params)
+    terms = _va_terms(pred_Nx2, target_Nx2, mask_N)
+    total, logged = losses.combine({k: terms[k] for k in ("ccc", "mse")}, weights)
+    return total, (state.batch_stats, {**logged, "train_ccc_valence": terms["train_ccc_valence"],
+                                       "train_ccc_arousal": terms["train_ccc_arousal"]})
+
+  return _apply_gradients(state, loss_fn)
+
+
+def audio_step(state: TrainState, batch: Mapping[str, Any], *,
+               weights: Mapping[str, float]) -> tuple[TrainState, Metrics]:
+  """Audio encoder on {"mel" Bx96x64, "labels" Bx2}: clip-level valence/arousal regression."""
+  forward = lambda params: state.apply_fn({"params": params}, batch["mel"], train=True)[0]
+  mask = jnp.ones(batch["labels"].shape[0], bool)
+  return _regression_update(state, forward, batch["labels"], mask, weights)
+
+
+def fusion_step(state: TrainState, batch: Mapping[str, Any], *, weights: Mapping[str, float],
+                seed: int) -> tuple[TrainState, Metrics]:
+  """Fusion GRU on {"visual"/"audio" BxTxD, "lengths" B, "labels" BxTx2}; padded frames
+  (t >= length) are left out of the loss. Dropout's key is the seed folded with the step."""
+  b, t = batch["labels"].shape[:2]
+  mask_N = (jnp.arange(t)[None, :] < batch["lengths"][:, None]).reshape(-1)
+  rng = jax.random.fold_in(jax.random.key(seed), state.step)
+
+  def forward(params):
+    pred, _ = state.apply_fn({"params": params}, batch, batch["lengths"], train=True,
+                             rngs={"dropout": rng})
+    return pred.reshape(b * t, 2)
+
+  return _regression_update(state, forward, batch["labels"].reshape(b * t, 2), mask_N, weights)
 
 
 def predict(variables, images: jax.Array, *, apply_fn) -> tuple[jax.Array, jax.Array]:

@@ -1,0 +1,42 @@
+"""Model-level fusion (DESIGN.md §1.5): per 40 ms frame, concatenate the face feature and the
+audio embedding, run a GRU over time (a `lax.scan` through Flax `nn.RNN`), read valence and
+arousal off each step with a linear head. Visual-only and audio-only models are the same module
+with one modality left out.
+"""
+from collections.abc import Mapping, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+MODALITIES = ("visual", "audio")
+
+
+class FusionGRU(nn.Module):
+  """{modality: [B, T, D_m]}, lengths [B] -> (valence/arousal [B, T, 2], {"hidden": [B, T, H]}).
+
+  Features are expected standardised per dimension (the frozen extractors' features live on
+  different scales; `avemo_jax.train.features.standardize` does it with training-set statistics:
+  a per-frame LayerNorm would erase the feature magnitude, which carries intensity). Frames at
+  t >= length are padding: the GRU state is not updated there and callers mask them out.
+  """
+  modalities: Sequence[str] = MODALITIES
+  hidden: int = 128
+  num_layers: int = 1
+  dropout: float = 0.1
+
+  @nn.compact
+  def __call__(self, features: Mapping[str, jax.Array], lengths_B: jax.Array, *,
+               train: bool = False):
+    unknown = set(self.modalities) - set(MODALITIES)
+    if unknown or not self.modalities:
+      raise ValueError(f"modalities={tuple(self.modalities)}: choose one or more of {MODALITIES}")
+    missing = set(self.modalities) - set(features)
+    if missing:
+      raise ValueError(f"features lack {sorted(missing)}; got {sorted(features)}")
+    x = jnp.concatenate([features[m].astype(jnp.float32) for m in self.modalities], axis=-1)
+    x = nn.Dropout(self.dropout, deterministic=not train)(x)
+    for i in range(self.num_layers):
+      x = nn.RNN(nn.GRUCell(self.hidden, name=f"gru_{i}"), name=f"rnn_{i}")(
+          x, seq_lengths=lengths_B)
+    return nn.Dense(2, name="va_head")(x), {"hidden": x}

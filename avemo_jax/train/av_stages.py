@@ -1,0 +1,151 @@
+"""The audio encoder stage and the fusion stage (DESIGN.md §1.4-1.5).
+
+audio:  VGGish regresses clip-level valence/arousal of synthetic voice clips -> WORKDIR/audio.
+fusion: per-frame features of the frozen student and audio encoder (cached), then one GRU per
+        entry of config.fusion.models (audio-only, visual-only, fused) -> WORKDIR/fusion/<model>,
+        dev CCCs in summary.json["fusion"] and a valence/arousal plot per dev recording.
+"""
+import functools
+import logging
+import pathlib
+import time
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+
+from avemo_jax import metrics, plots
+from avemo_jax.data import audio_features, pipeline, sequences
+from avemo_jax.train import build, features, loop, steps
+from avemo_jax.train import state as state_lib
+from avemo_jax.train.checkpoint import load_variables
+
+MODEL_MODALITIES = {"audio": ("audio",), "visual": ("visual",), "fused": ("visual", "audio")}
+
+
+def run(config: ml_collections.ConfigDict, workdir: pathlib.Path, summary: dict[str, Any],
+        student_variables: dict[str, Any] | None, write_summary: Callable) -> None:
+  audio_variables = None
+  if "audio" in config.stages:
+    audio_variables = _audio_stage(config, workdir, summary, write_summary)
+  if "fusion" in config.stages:
+    if student_variables is None:
+      student_variables = _load(config, "student_checkpoint", build.face_model(config.model),
+                                config.student, build.face_inputs(config.data.image_size))
+    if audio_variables is None:
+      audio_variables = _load(config, "audio_checkpoint", build.audio_model(config.audio),
+                              config.audio.train, build.audio_inputs())
+    _fusion_stage(config, workdir, summary, write_summary, student_variables, audio_variables)
+
+
+def _load(config, key: str, model, stage_cfg, inputs) -> dict[str, Any]:
+  if not config[key]:
+    stage = key.removesuffix("_checkpoint")
+    raise ValueError(f"the fusion stage needs a trained {stage}: add '{stage}' to config.stages "
+                     f"or set --config.{key}=WORKDIR/{stage}")
+  template = jax.eval_shape(lambda: state_lib.create(model, stage_cfg, jax.random.key(0), inputs))
+  return load_variables(config[key], template, f"config.{key}")
+
+
+def _audio_stage(config, workdir: pathlib.Path, summary, write_summary) -> dict[str, Any]:
+  cfg, seq = config.audio.train, config.sequences
+  model = build.audio_model(config.audio)
+  dev = sequences.SyntheticClips(seq.num_dev_clips, seed=config.seed + 1)
+  dev_mel = np.stack([audio_features.waveform_to_examples(c["audio"], sequences.SAMPLE_RATE)[0]
+                      for c in dev])
+  dev_labels = np.stack([c["labels"] for c in dev])
+  predict = jax.jit(lambda v, x: model.apply(v, x)[0])
+
+  def evaluate(state) -> dict[str, Any]:
+    pred = features.batched(functools.partial(predict, state.variables), dev_mel, cfg.batch)
+    return {f"ccc_{name}": metrics.ccc(pred[:, d], dev_labels[:, d])
+            for d, name in enumerate(("valence", "arousal"))}
+
+  stage = loop.Stage(
+      name="audio", config=cfg, step=functools.partial(steps.audio_step, weights=dict(cfg.loss)),
+      step_args=(),
+      batches=pipeline.clip_iterator(
+          sequences.SyntheticClips(seq.num_train_clips, seed=config.seed), seed=config.seed,
+          batch=cfg.batch, data=config.data),
+      evaluate=evaluate)
+  start = time.perf_counter()
+  state = state_lib.create(model, cfg, jax.random.key(config.seed + 2), build.audio_inputs())
+  state, result = loop.train(stage, state, workdir / "audio", config.max_checkpoints)
+  summary["audio"] = {**result, "train_seconds": round(time.perf_counter() - start, 1)}
+  write_summary(workdir, summary)
+  logging.info("[audio] dev clips %s", summary["audio"])
+  return state.variables
+
+
+def _features(config, workdir: pathlib.Path, student_variables, audio_variables
+              ) -> dict[str, dict[str, np.ndarray]]:
+  """Cached per-frame features of the train and dev recordings."""
+  seq, size = config.sequences, config.data.image_size
+  face, audio = build.face_model(config.model), build.audio_model(config.audio)
+  face_fn = jax.jit(lambda x: face.apply(student_variables, x, train=False)[1]["feature"])
+  audio_fn = jax.jit(lambda x: audio.apply(audio_variables, x)[1]["embedding"])
+  key = {"seed": config.seed, "sequences": seq.to_dict(), "image_size": size,
+         "student": features.fingerprint(student_variables),
+         "audio": features.fingerprint(audio_variables)}
+  out = {}
+  for split, num, seconds in (("train", seq.num_train, seq.train_seconds),
+                              ("dev", seq.num_dev, seq.dev_seconds)):
+    recordings = sequences.SyntheticRecordings(num, seed=config.seed, split=split,
+                                               seconds=seconds, size=size)
+    out[split] = features.cached(
+        workdir / "fusion" / f"features_{split}.npz", {**key, "split": split},
+        lambda r=recordings: features.extract(r, face_fn=face_fn, audio_fn=audio_fn,
+                                              batch=seq.feature_batch,
+                                              num_threads=config.data.num_threads))
+  return out
+
+
+def _fusion_stage(config, workdir: pathlib.Path, summary, write_summary, student_variables,
+                  audio_variables) -> None:
+  cfg = config.fusion.train
+  start = time.perf_counter()
+  feats = features.standardize(_features(config, workdir, student_variables, audio_variables),
+                               ("visual", "audio"))
+  summary["fusion_features_seconds"] = round(time.perf_counter() - start, 1)
+  logging.info("[fusion] features ready in %.0f s", summary["fusion_features_seconds"])
+  dev = feats["dev"]
+  lengths = dev["lengths"]
+  report, dev_predictions = {}, {}
+  for name in config.fusion.models:
+    if name not in MODEL_MODALITIES:
+      raise ValueError(f"config.fusion.models has {name!r}; choose from {tuple(MODEL_MODALITIES)}")
+    modalities = MODEL_MODALITIES[name]
+    model = build.fusion_model(config.fusion, modalities)
+    predict = jax.jit(lambda v, x, n, model=model: model.apply(v, x, n)[0])
+
+    def evaluate(state, modalities=modalities, predict=predict) -> dict[str, Any]:
+      pred = np.asarray(predict(state.variables, {m: dev[m] for m in modalities}, lengths))
+      result = metrics.ccc_report([p[:n] for p, n in zip(pred, lengths)],
+                                  [y[:n] for y, n in zip(dev["labels"], lengths)])
+      return {**result, "predictions": pred}
+
+    train = {k: feats["train"][k] for k in (*modalities, "labels", "lengths")}
+    stage = loop.Stage(
+        name=f"fusion/{name}", config=cfg,
+        step=functools.partial(steps.fusion_step, weights=dict(cfg.loss), seed=config.seed),
+        step_args=(),
+        batches=pipeline.chunk_iterator(train, seed=config.seed, batch=cfg.batch,
+                                        frames=config.fusion.chunk_frames, data=config.data),
+        evaluate=evaluate)
+    dims = {m: train[m].shape[-1] for m in modalities}
+    began = time.perf_counter()
+    state = state_lib.create(model, cfg, jax.random.key(config.seed + 3), build.fusion_inputs(dims))
+    _, result = loop.train(stage, state, workdir / "fusion" / name, config.max_checkpoints)
+    dev_predictions[name] = result.pop("predictions")
+    report[name] = {**result, "train_seconds": round(time.perf_counter() - began, 1)}
+    logging.info("[fusion/%s] dev %s", name, {k: round(v, 4) for k, v in result.items()})
+  plot_dir = workdir / "fusion" / "plots"
+  plot_dir.mkdir(parents=True, exist_ok=True)
+  for r, n in enumerate(lengths):
+    plots.valence_arousal_png(dev["labels"][r, :n],
+                              {k: v[r, :n] for k, v in dev_predictions.items()},
+                              plot_dir / f"dev_{r:02d}.png", f"dev recording {r}")
+  summary["fusion"] = report
+  write_summary(workdir, summary)

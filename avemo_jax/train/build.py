@@ -1,0 +1,38 @@
+"""Models from their config sections, and example inputs to initialise them."""
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from avemo_jax.models import audio, face, fusion
+
+
+def face_model(m: ml_collections.ConfigDict) -> face.FaceNet:
+  return face.FaceNet(cut=m.cut, width=m.width, depth=tuple(m.depth),
+                      proj_features=m.proj_features, dense_layers=m.dense_layers,
+                      growth=m.growth, feature_dim=m.feature_dim, embed_dim=m.embed_dim,
+                      num_classes=m.num_classes, dtype=jnp.dtype(m.dtype))
+
+
+def face_inputs(size: int) -> tuple[jax.Array]:
+  """Example inputs for initialising a face network on `size` x `size` crops."""
+  return (jnp.zeros((1, size, size, 3), jnp.uint8),)
+
+
+def audio_model(a: ml_collections.ConfigDict) -> audio.VGGish:
+  return audio.VGGish(width=a.width, fc_dim=a.fc_dim, embed_dim=a.embed_dim,
+                      dtype=jnp.dtype(a.dtype))
+
+
+def audio_inputs() -> tuple[jax.Array]:
+  return (jnp.zeros((1, audio.NUM_FRAMES, audio.NUM_BANDS), jnp.float32),)
+
+
+def fusion_model(f: ml_collections.ConfigDict, modalities: tuple[str, ...]) -> fusion.FusionGRU:
+  return fusion.FusionGRU(modalities=modalities, hidden=f.hidden, num_layers=f.num_layers,
+                          dropout=f.dropout)
+
+
+def fusion_inputs(dims: dict[str, int]) -> tuple[dict[str, jax.Array], jax.Array]:
+  """Example (features, lengths) with feature sizes `dims` ({modality: D})."""
+  return ({m: jnp.zeros((1, 2, d), jnp.float32) for m, d in dims.items()},
+          jnp.ones((1,), jnp.int32))

@@ -1,0 +1,201 @@
+"""The VGGish front end against the AudioSet reference (`mel_features.py`, `vggish_params.py`).
+
+The reference files come from the torchvggish sdist: run `python tools/fetch_reference.py` once.
+"""
+import importlib.util
+import pathlib
+import types
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+from avemo_jax.data import audio_features as af
+
+REF_DIR = pathlib.Path(__file__).resolve().parent / "reference"
+SPEECH = REF_DIR / "arctic_a0007.wav"
+TOLERANCE = 1e-3  # DESIGN.md 1.4; the measured difference is ~1e-5
+
+
+def _load_module(name: str) -> types.ModuleType:
+  path = REF_DIR / f"{name}.py"
+  if not path.is_file():
+    pytest.skip(f"{path} is missing; run `python tools/fetch_reference.py`")
+  spec = importlib.util.spec_from_file_location(f"_reference_{name}", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+@pytest.fixture(scope="module")
+def ref() -> types.SimpleNamespace:
+  return types.SimpleNamespace(mel=_load_module("mel_features"),
+                               params=_load_module("vggish_params"))
+
+
+def _reference_log_mel(ref: types.SimpleNamespace, wav_16k: np.ndarray) -> np.ndarray:
+  p = ref.params
+  return ref.mel.log_mel_spectrogram(
+    wav_16k, audio_sample_rate=p.SAMPLE_RATE, log_offset=p.LOG_OFFSET,
+    window_length_secs=p.STFT_WINDOW_LENGTH_SECONDS, hop_length_secs=p.STFT_HOP_LENGTH_SECONDS,
+    num_mel_bins=p.NUM_MEL_BINS, lower_edge_hertz=p.MEL_MIN_HZ, upper_edge_hertz=p.MEL_MAX_HZ)
+
+
+def _reference_examples(ref: types.SimpleNamespace, wav_16k: np.ndarray) -> np.ndarray:
+  """`vggish_input.waveform_to_examples` for mono 16 kHz input (no resampling)."""
+  p = ref.params
+  frame_rate = 1.0 / p.STFT_HOP_LENGTH_SECONDS
+  return ref.mel.frame(_reference_log_mel(ref, wav_16k),
+                       window_length=int(round(p.EXAMPLE_WINDOW_SECONDS * frame_rate)),
+                       hop_length=int(round(p.EXAMPLE_HOP_SECONDS * frame_rate)))
+
+
+def _tone(kind: str, seconds: float = 4.0, rate: int = af.SAMPLE_RATE) -> np.ndarray:
+  t = np.arange(int(seconds * rate)) / rate
+  if kind == "sine":
+    return 0.5 * np.sin(2 * np.pi * 440.0 * t)
+  if kind == "chirp":  # linear 100 -> 7000 Hz
+    return 0.5 * np.sin(2 * np.pi * (100.0 * t + (7000.0 - 100.0) / (2 * seconds) * t ** 2))
+  return 0.1 * np.random.default_rng(0).standard_normal(t.shape)
+
+
+def _assert_matches_reference(ref, ours_input: np.ndarray, ref_input: np.ndarray) -> None:
+  expected = _reference_examples(ref, ref_input)
+  got = af.waveform_to_examples(ours_input, af.SAMPLE_RATE)
+  assert got.shape == expected.shape and got.dtype == np.float32
+  assert got.shape[0] > 0
+  diff = float(np.max(np.abs(got - expected)))
+  assert diff < TOLERANCE, f"max abs difference to the reference {diff:.3g}"
+  mel_TxF = af.log_mel_spectrogram(ref_input)
+  mel_diff = float(np.max(np.abs(mel_TxF - _reference_log_mel(ref, ref_input))))
+  assert mel_diff < TOLERANCE, f"max abs log-mel difference to the reference {mel_diff:.3g}"
+
+
+def test_constants_and_mel_matrix_match_reference(ref):
+  p = ref.params
+  assert (af.SAMPLE_RATE, af.NUM_BANDS, af.NUM_FRAMES, af.LOG_OFFSET) == (
+    p.SAMPLE_RATE, p.NUM_MEL_BINS, p.NUM_FRAMES, p.LOG_OFFSET)
+  assert (af.WINDOW_SAMPLES, af.HOP_SAMPLES, af.FFT_LENGTH) == (400, 160, 512)
+  expected = ref.mel.spectrogram_to_mel_matrix(
+    num_mel_bins=p.NUM_MEL_BINS, num_spectrogram_bins=af.FFT_LENGTH // 2 + 1,
+    audio_sample_rate=p.SAMPLE_RATE, lower_edge_hertz=p.MEL_MIN_HZ, upper_edge_hertz=p.MEL_MAX_HZ)
+  np.testing.assert_allclose(af._mel_matrix(), expected, atol=1e-7)
+  np.testing.assert_allclose(af._periodic_hann(), ref.mel.periodic_hann(400), atol=1e-7)
+
+
+def test_real_speech_matches_reference(ref):
+  if not SPEECH.is_file():
+    pytest.skip(f"{SPEECH} is missing; run `python tools/fetch_reference.py`")
+  wav_int16, rate = sf.read(SPEECH, dtype="int16")
+  assert rate == af.SAMPLE_RATE and wav_int16.ndim == 1
+  _assert_matches_reference(ref, wav_int16, wav_int16 / 32768.0)  # int16 scaling as vggish_input
+  np.testing.assert_array_equal(af.load_audio(SPEECH), (wav_int16 / 32768.0).astype(np.float32))
+
+
+@pytest.mark.parametrize("kind", ["sine", "chirp", "noise"])
+def test_synthetic_signals_match_reference(ref, kind):
+  wav = _tone(kind)
+  _assert_matches_reference(ref, wav, wav)
+
+
+def test_int32_pcm_scaled_like_int16():
+  wav_int16 = (_tone("chirp", 1.0) * 32767).astype(np.int16)
+  np.testing.assert_array_equal(af.to_mono_16k(wav_int16.astype(np.int32) << 16, af.SAMPLE_RATE),
+                                af.to_mono_16k(wav_int16, af.SAMPLE_RATE))
+
+
+def test_stereo_is_mean_of_channels():
+  left, right = _tone("sine", 2.0), _tone("chirp", 2.0)
+  mono = af.waveform_to_examples((left + right) / 2, af.SAMPLE_RATE)
+  stereo_Nx2 = np.stack([left, right], axis=1)
+  np.testing.assert_allclose(af.waveform_to_examples(stereo_Nx2, af.SAMPLE_RATE), mono, atol=1e-6)
+  np.testing.assert_allclose(af.waveform_to_examples(stereo_Nx2.T, af.SAMPLE_RATE), mono, atol=1e-6)
+
+
+def test_resampled_input_is_close_to_native_16k():
+  native = af.waveform_to_examples(_tone("sine", 3.0), af.SAMPLE_RATE)
+  resampled = af.waveform_to_examples(_tone("sine", 3.0, rate=44100), 44100)
+  assert resampled.shape == native.shape == (3, 96, 64)
+  diff = float(np.mean(np.abs(resampled - native)))
+  assert diff < 0.05, f"mean abs log-mel difference after 44.1 kHz -> 16 kHz: {diff:.3g}"
+
+
+@pytest.mark.parametrize("num_samples", [0, 399, 400, 15599, 15600, 16000, 3 * 16000 + 123])
+def test_shape_contract(num_samples):
+  num_frames = 0 if num_samples < 400 else 1 + (num_samples - 400) // 160
+  wav = _tone("noise", 4.0)[:num_samples]
+  assert af.log_mel_spectrogram(wav).shape == (num_frames, 64)
+  if num_samples:
+    examples = af.waveform_to_examples(wav, af.SAMPLE_RATE)
+    assert examples.shape == (num_frames // 96, 96, 64) and examples.dtype == np.float32
+
+
+def test_silence_is_log_offset():
+  mel_TxF = af.log_mel_spectrogram(np.zeros(8000, np.float32))
+  assert np.all(mel_TxF == af.SILENCE) and af.SILENCE == np.log(np.float32(0.01))
+
+
+def test_examples_at_windows_and_padding():
+  mel_TxF = af.log_mel_spectrogram(_tone("chirp", 3.0))
+  num_frames = mel_TxF.shape[0]  # 298
+  times_s = np.array([1.0, 1.234, 2.0, 0.0, 0.2, (num_frames - 1) / 100, 100.0])
+  windows = af.examples_at(mel_TxF, times_s)
+  assert windows.shape == (len(times_s), 96, 64) and windows.dtype == np.float32
+  for window, start in zip(windows[:3], (52, 75, 152)):  # interior: plain slices
+    np.testing.assert_array_equal(window, mel_TxF[start:start + 96])
+  np.testing.assert_array_equal(windows[3, :48], af.SILENCE)  # t = 0 starts 48 frames early
+  np.testing.assert_array_equal(windows[3, 48:], mel_TxF[:48])
+  np.testing.assert_array_equal(windows[4, :28], af.SILENCE)
+  np.testing.assert_array_equal(windows[4, 28:], mel_TxF[:68])
+  np.testing.assert_array_equal(windows[5, :49], mel_TxF[-49:])  # last frame: 47 padded after
+  np.testing.assert_array_equal(windows[5, 49:], af.SILENCE)
+  np.testing.assert_array_equal(windows[6], af.SILENCE)
+  label_times_s = np.arange(0, 3.0, 0.04)  # 25 Hz label frames
+  assert af.examples_at(mel_TxF, label_times_s).shape == (75, 96, 64)
+  assert af.examples_at(mel_TxF, np.zeros(0)).shape == (0, 96, 64)
+
+
+@pytest.mark.parametrize("waveform, rate, problem", [
+  (np.zeros(0), 16000, "empty"),
+  (np.zeros((2, 0)), 16000, "empty"),
+  (np.array([0.0, np.nan, 0.1]), 16000, "non-finite"),
+  (np.array([0.0, np.inf]), 16000, "non-finite"),
+  (np.zeros((2, 3, 4)), 16000, "1-D"),
+  (np.zeros(100), 0, "sample_rate"),
+  (np.zeros(100), -8000, "sample_rate"),
+  (np.zeros(100, bool), 16000, "dtype"),
+])
+def test_bad_input_raises(waveform, rate, problem):
+  with pytest.raises(ValueError, match=problem):
+    af.waveform_to_examples(waveform, rate)
+
+
+def test_examples_at_bad_input_raises():
+  with pytest.raises(ValueError, match="2-D"):
+    af.examples_at(np.zeros(10), np.zeros(1))
+  with pytest.raises(ValueError, match="finite"):
+    af.examples_at(np.zeros((10, 64)), np.array([np.nan]))
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning",
+                            "ignore::DeprecationWarning")  # librosa's audioread fallback
+def test_load_audio_errors_name_the_file(tmp_path):
+  missing = tmp_path / "missing.wav"
+  with pytest.raises(FileNotFoundError, match="missing.wav"):
+    af.load_audio(missing)
+  garbage = tmp_path / "garbage.wav"
+  garbage.write_bytes(np.random.default_rng(0).bytes(4096))
+  with pytest.raises(ValueError, match="garbage.wav.*cannot decode"):
+    af.load_audio(garbage)
+  empty = tmp_path / "empty.wav"
+  sf.write(empty, np.zeros(0, np.float32), 16000)
+  with pytest.raises(ValueError, match="empty.wav: zero-length"):
+    af.load_audio(empty)
+
+
+def test_load_audio_stereo_44k(tmp_path):
+  path = tmp_path / "stereo.flac"
+  left, right = _tone("sine", 2.0, rate=44100), _tone("chirp", 2.0, rate=44100)
+  sf.write(path, np.stack([left, right], axis=1), 44100)
+  wav = af.load_audio(path)
+  assert wav.dtype == np.float32 and wav.shape == (32000,)
