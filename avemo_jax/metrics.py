@@ -115,7 +115,8 @@ def ccc(x: np.ndarray, y: np.ndarray) -> float:
   """CCC of two 1-D arrays in float64: 2 cov / (var x + var y + (mean x - mean y)^2)."""
   x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
   if x.ndim != 1 or x.shape != y.shape or not x.size:
-    raise ValueError(f"ccc needs two non-empty 1-D arrays of one length, got {x.shape} and {y.shape}")
+    raise ValueError(f"ccc needs two non-empty 1-D arrays of one length, got {x.shape} and "
+                     f"{y.shape}")
   cov = np.mean((x - x.mean()) * (y - y.mean()))
   denom = x.var() + y.var() + (x.mean() - y.mean()) ** 2
   return float(2 * cov / denom) if denom > 0 else 0.0

@@ -73,7 +73,7 @@ def sequence_config(tiny: bool) -> ml_collections.ConfigDict:
   """Synthetic audio-visual recordings (the RECOLA stand-in) and audio clips."""
   q = ml_collections.ConfigDict()
   # Many short training recordings: the fusion GRU must generalise across people and voices.
-  q.num_train = 4 if tiny else 40  # training recordings
+  q.num_train = 4 if tiny else 56  # training recordings
   q.train_seconds = 4.0 if tiny else 6.0  # length of each (25 label frames a second)
   q.num_dev = 2 if tiny else 5  # dev recordings (held-out people and voices)
   q.dev_seconds = 8.0 if tiny else 20.0  # length of each
@@ -104,8 +104,9 @@ def fusion_config(tiny: bool) -> ml_collections.ConfigDict:
   f.hidden = 16 if tiny else 64  # GRU units
   f.num_layers = 1  # stacked GRU layers
   f.dropout = 0.2  # on the concatenated input features
+  f.modality_dropout = 0.0  # fused model, training: P(one modality zeroed for a whole sequence)
   f.chunk_frames = 50 if tiny else 100  # training sub-sequence length (4 s at 25 Hz)
-  f.train = schedule_config(tiny, steps=400, lr=2e-3)
+  f.train = schedule_config(tiny, steps=800, lr=1e-3)
   f.train.batch = 4 if tiny else 8  # sub-sequences per step
   f.train.loss = ml_collections.ConfigDict({"ccc": 1.0})  # "ccc" and/or "mse", as for audio
   return f
@@ -127,6 +128,6 @@ def base_config(tiny: bool) -> ml_collections.ConfigDict:
   c.sequences = sequence_config(tiny)
   c.audio = audio_config(tiny)
   c.fusion = fusion_config(tiny)
-  c.student_checkpoint = ""  # fusion: reuse a student (stage dir or checkpoints/) instead of training
+  c.student_checkpoint = ""  # fusion: reuse a student (stage dir or checkpoints/), not train one
   c.audio_checkpoint = ""  # fusion: reuse an audio encoder (stage dir or checkpoints/)
   return c

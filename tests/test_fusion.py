@@ -142,12 +142,14 @@ def test_gru_matches_torch(gru_setup):
   p = jax.tree.map(np.asarray, variables["params"])
   g = p["gru_0"]
   gru = torch.nn.GRU(4, 6, batch_first=True)
+  stack = lambda keys, part: torch.tensor(np.concatenate([g[k][part].T for k in keys]))
   with torch.no_grad():  # torch stacks the gates (r, z, n) along the output axis
-    gru.weight_ih_l0.copy_(torch.tensor(np.concatenate([g[k]["kernel"].T for k in ("ir", "iz", "in")])))
-    gru.weight_hh_l0.copy_(torch.tensor(np.concatenate([g[k]["kernel"].T for k in ("hr", "hz", "hn")])))
-    gru.bias_ih_l0.copy_(torch.tensor(np.concatenate([g[k]["bias"] for k in ("ir", "iz", "in")])))
+    gru.weight_ih_l0.copy_(stack(("ir", "iz", "in"), "kernel"))
+    gru.weight_hh_l0.copy_(stack(("hr", "hz", "hn"), "kernel"))
+    gru.bias_ih_l0.copy_(stack(("ir", "iz", "in"), "bias"))
     gru.bias_hh_l0.copy_(torch.tensor(np.concatenate([np.zeros(12), g["hn"]["bias"]])))
-  packed = torch.nn.utils.rnn.pack_padded_sequence(torch.tensor(x), torch.tensor(lengths), batch_first=True)
+  packed = torch.nn.utils.rnn.pack_padded_sequence(torch.tensor(x), torch.tensor(lengths),
+                                                   batch_first=True)
   out, _ = torch.nn.utils.rnn.pad_packed_sequence(gru(packed)[0], batch_first=True)
   for b, n in enumerate(lengths):
     np.testing.assert_allclose(hidden[b, :n], out[b, :n].detach().numpy(), rtol=1e-5, atol=1e-6)

@@ -31,7 +31,8 @@ def test_shapes_and_ranges(recordings):
 
 
 def test_loudness_follows_arousal():
-  """Per 1 s window, the voice's energy (dB) correlates with the recording's arousal."""
+  """Per 1 s window, the voice's energy (dB) correlates with the recording's arousal (the voice
+  follows 0.7 arousal + 0.3 the speaker's own variation, plus per-syllable loudness noise)."""
   recs = sequences.SyntheticRecordings(3, seed=1, split="train", seconds=30.0, size=64)
   db, arousal = [], []
   for r in range(3):
@@ -39,7 +40,7 @@ def test_loudness_follows_arousal():
     windows = rec.audio.reshape(-1, sequences.SAMPLE_RATE)
     db.append(10 * np.log10(np.mean(np.square(windows), axis=1)))
     arousal.append(rec.labels[:, 1].reshape(-1, sequences.FPS).mean(1))
-  assert np.corrcoef(np.concatenate(db), np.concatenate(arousal))[0, 1] > 0.6
+  assert np.corrcoef(np.concatenate(db), np.concatenate(arousal))[0, 1] > 0.45
 
 
 def test_face_shows_valence_fully_and_arousal_in_part(recordings):

@@ -5,11 +5,14 @@ standard), a face rendered per 40 ms frame by the face renderer, and a 16 kHz vo
 As in real affect data, the two modalities see different parts of the state:
 
 - the face shows valence fully, arousal only in part: its expression follows (v, 0.5 a + 0.5 d)
-  with d the person's own smooth expressiveness, unrelated to the rated arousal, at 1.6 times
+  with d the person's own smooth expressiveness, unrelated to the rated annotation, at 1.6 times
   the intensity of the circumplex inverse (clipped to the renderable range): these people are
   expressive, so that the face network's features (trained on pronounced faces) separate them;
-- the voice follows arousal in pitch (+-0.6 octave), loudness (+-10 dB) and syllable rate
-  (2-6.5 per second), and valence only weakly, through spectral brightness (0.4 v + 0.6 d').
+- the voice's pitch (+-0.6 octave), loudness (+-10 dB) and syllable rate (2-6.5 per second)
+  follow 0.7 a + 0.3 d', and valence shows only in its spectral brightness (0.6 v + 0.4 d'').
+
+Each modality thus misses part of each dimension, independently of the other: audio is better
+for arousal, the face for valence, and the two together beat either (DESIGN.md §2).
 
 Everything is a pure function of (seed, split, recording index); clips for the audio stage come
 from the same voice with a constant (valence, arousal) per clip.
@@ -27,11 +30,17 @@ SAMPLE_RATE = 16_000
 _SPLITS = {"train": 0, "dev": 1, "clips": 2}
 _CONTROL_RATE = 200  # Hz: voice parameters are computed at this rate, then interpolated
 _FACE_GAIN = 1.6  # expression intensity relative to `expression_for_valence_arousal`
+# Share of the rated dimension in each cue; the rest is the person's own smooth variation.
+_FACE_AROUSAL, _VOICE_AROUSAL, _VOICE_VALENCE = 0.5, 0.7, 0.6
 
 
-def smooth_trajectory(rng: np.random.Generator, num_frames: int, *, smooth_s: float = 2.0,
+def smooth_trajectory(rng: np.random.Generator, num_frames: int, *, smooth_s: float = 1.0,
                       scale: float = 0.45) -> np.ndarray:
-  """float32 [T]: Gaussian-smoothed noise with standard deviation ~`scale`, within [-1, 1]."""
+  """float32 [T]: Gaussian-smoothed noise with standard deviation ~`scale`, within [-1, 1].
+
+  A 1 s kernel: faster than RECOLA's annotations, so that a few minutes of synthetic recordings
+  hold enough independent values to learn a fusion model that generalises across people.
+  """
   pad = int(4 * smooth_s * FPS)
   x = ndimage.gaussian_filter1d(rng.standard_normal(num_frames + 2 * pad), smooth_s * FPS)
   x = x[pad:pad + num_frames]
@@ -131,10 +140,11 @@ class SyntheticRecordings:
     rng = self._rng(index)
     t = self.num_frames
     valence, arousal = smooth_trajectory(rng, t), smooth_trajectory(rng, t)
-    face_arousal = 0.5 * arousal + 0.5 * smooth_trajectory(rng, t)
-    brightness = 0.4 * valence + 0.6 * smooth_trajectory(rng, t)
+    mix = lambda share, rated: share * rated + (1 - share) * smooth_trajectory(rng, t)
+    face_arousal = mix(_FACE_AROUSAL, arousal)
+    voice_arousal, brightness = mix(_VOICE_AROUSAL, arousal), mix(_VOICE_VALENCE, valence)
     identity = synthetic.random_identity(rng)
-    audio = voice(rng, random_speaker(rng), _to_control(arousal), _to_control(brightness))
+    audio = voice(rng, random_speaker(rng), _to_control(voice_arousal), _to_control(brightness))
     return Recording(labels=np.stack([valence, arousal], 1),
                      face_va=np.stack([valence, face_arousal], 1), identity=identity,
                      audio=audio)
@@ -148,7 +158,8 @@ class SyntheticRecordings:
 
 
 class SyntheticClips:
-  """Audio-stage clips: `seconds` (one 0.96 s log-mel example) of voice at a constant (valence, arousal), random speaker."""
+  """Audio-stage clips: `seconds` (one 0.96 s log-mel example) of a random speaker's voice at a
+  constant (valence, arousal), mixed with the speaker's own variation as in recordings."""
 
   def __init__(self, num_clips: int, *, seed: int, seconds: float = 1.0):
     self.num_clips, self.seed = num_clips, seed
@@ -162,7 +173,8 @@ class SyntheticClips:
       raise IndexError(f"clip {index} out of range for {self.num_clips}")
     rng = np.random.default_rng([self.seed, 7, _SPLITS["clips"], int(index)])
     va = rng.uniform(-0.9, 0.9, 2).astype(np.float32)
-    brightness = 0.4 * va[0] + 0.6 * rng.uniform(-0.9, 0.9)
-    audio = voice(rng, random_speaker(rng), np.full(self.num_ctl, va[1]),
-                  np.full(self.num_ctl, brightness))
+    own = rng.uniform(-0.9, 0.9, 2)
+    drive = lambda share, rated, d: np.full(self.num_ctl, share * rated + (1 - share) * d)
+    audio = voice(rng, random_speaker(rng), drive(_VOICE_AROUSAL, va[1], own[1]),
+                  drive(_VOICE_VALENCE, va[0], own[0]))
     return {"audio": audio, "labels": va}

@@ -24,6 +24,7 @@ class FusionGRU(nn.Module):
   hidden: int = 128
   num_layers: int = 1
   dropout: float = 0.1
+  modality_dropout: float = 0.0  # training: P(a modality is zeroed for a whole sequence)
 
   @nn.compact
   def __call__(self, features: Mapping[str, jax.Array], lengths_B: jax.Array, *,
@@ -34,7 +35,15 @@ class FusionGRU(nn.Module):
     missing = set(self.modalities) - set(features)
     if missing:
       raise ValueError(f"features lack {sorted(missing)}; got {sorted(features)}")
-    x = jnp.concatenate([features[m].astype(jnp.float32) for m in self.modalities], axis=-1)
+    inputs = [features[m].astype(jnp.float32) for m in self.modalities]
+    if train and self.modality_dropout and len(inputs) > 1:
+      # ModDrop (Neverova et al. 2016): the GRU must use each modality on its own as well,
+      # instead of fitting the training people through whichever is easier. Never all at once.
+      keep_BxM = jax.random.bernoulli(self.make_rng("dropout"), 1.0 - self.modality_dropout,
+                                      (inputs[0].shape[0], len(inputs)))
+      keep_BxM |= ~keep_BxM.any(axis=1, keepdims=True)
+      inputs = [x * keep_BxM[:, i, None, None] for i, x in enumerate(inputs)]
+    x = jnp.concatenate(inputs, axis=-1)
     x = nn.Dropout(self.dropout, deterministic=not train)(x)
     for i in range(self.num_layers):
       x = nn.RNN(nn.GRUCell(self.hidden, name=f"gru_{i}"), name=f"rnn_{i}")(
