@@ -207,3 +207,23 @@ def test_tiny_fusion_end_to_end(tmp_path):
   drop_time = lambda d: {m: {k: v for k, v in e.items() if k != "train_seconds"}
                          for m, e in d["fusion"].items()}
   assert drop_time(again) == drop_time(summary) and "teacher" in again
+
+
+def test_modality_dropout_zeroes_whole_modalities_never_all():
+  rng = np.random.default_rng(0)
+  x = {"visual": rng.normal(size=(16, 5, 3)).astype(np.float32),
+       "audio": rng.normal(size=(16, 5, 4)).astype(np.float32)}
+  lengths = np.full(16, 5)
+  make = lambda p: FusionGRU(hidden=4, dropout=0.0, modality_dropout=p)
+  variables = make(0.0).init(jax.random.key(0), x, lengths)
+  run = lambda p, feats: np.asarray(make(p).apply(variables, feats, lengths, train=True,
+                                                  rngs={"dropout": jax.random.key(3)})[0])
+  zero = lambda m: {**x, m: np.zeros_like(x[m])}
+  candidates = [run(0.0, x), run(0.0, zero("visual")), run(0.0, zero("audio"))]
+  got = run(0.5, x)
+  which = [next(i for i, c in enumerate(candidates) if np.allclose(got[b], c[b], atol=1e-6))
+           for b in range(16)]  # each sequence: all kept, or exactly one modality zeroed
+  assert set(which) == {0, 1, 2}
+  np.testing.assert_allclose(run(1.0, x), candidates[0], atol=1e-6)  # never both dropped
+  np.testing.assert_allclose(np.asarray(make(0.9).apply(variables, x, lengths)[0]),
+                             candidates[0], atol=1e-6)  # evaluation: nothing dropped
