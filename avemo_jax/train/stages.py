@@ -8,13 +8,11 @@ import time
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
 from avemo_jax import plots
 from avemo_jax.data import pipeline, synthetic
-from avemo_jax.models import face
 from avemo_jax.train import av_stages, build, loop, steps
 from avemo_jax.train import state as state_lib
 from avemo_jax.train.checkpoint import load_variables

@@ -108,24 +108,18 @@ def distill_step(state: TrainState, teacher_variables, batch: Mapping[str, Any],
   return _apply_gradients(state, loss_fn)
 
 
-def _va_terms(pred_Nx2: jax.Array, target_Nx2: jax.Array, mask_N: jax.Array) -> Metrics:
-  """Valence/arousal regression terms: "ccc" (1 - CCC per dimension, over all valid frames of
-  the batch) and "mse"; per-dimension CCCs are logged too."""
-  ccc_2 = losses.ccc(pred_Nx2.T, target_Nx2.T, mask_N)
-  mask = mask_N.astype(pred_Nx2.dtype)[:, None]
-  mse = jnp.sum(mask * jnp.square(pred_Nx2 - target_Nx2), 0) / jnp.maximum(jnp.sum(mask), 1.0)
-  return {"ccc": 1.0 - ccc_2, "mse": mse,
-          "train_ccc_valence": ccc_2[0], "train_ccc_arousal": ccc_2[1]}
-
-
 def _regression_update(state: TrainState, forward: Callable, target_Nx2: jax.Array,
                        mask_N: jax.Array, weights: Mapping[str, float]):
+  """Valence/arousal regression on the valid frames: terms "ccc" (1 - CCC per dimension, over
+  the whole batch) and "mse"; the per-dimension CCCs are logged too."""
   def loss_fn(params):
     pred_Nx2 = forward(params)
-    terms = _va_terms(pred_Nx2, target_Nx2, mask_N)
-    total, logged = losses.combine({k: terms[k] for k in ("ccc", "mse")}, weights)
-    return total, (state.batch_stats, {**logged, "train_ccc_valence": terms["train_ccc_valence"],
-                                       "train_ccc_arousal": terms["train_ccc_arousal"]})
+    ccc_2 = losses.ccc(pred_Nx2.T, target_Nx2.T, mask_N)
+    mask = mask_N.astype(pred_Nx2.dtype)[:, None]
+    mse = jnp.sum(mask * jnp.square(pred_Nx2 - target_Nx2), 0) / jnp.maximum(jnp.sum(mask), 1.0)
+    total, logged = losses.combine({"ccc": 1.0 - ccc_2, "mse": mse}, weights)
+    return total, (state.batch_stats, {**logged, "train_ccc_valence": ccc_2[0],
+                                       "train_ccc_arousal": ccc_2[1]})
 
   return _apply_gradients(state, loss_fn)
 
