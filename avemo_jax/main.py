@@ -2,6 +2,7 @@
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from avemo_jax import parallel
 from avemo_jax.train import stages
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (e.g. configs/distill.py).",
@@ -19,6 +20,9 @@ def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   logging.get_absl_logger().addFilter(_quiet_orbax)
+  parallel.initialize(_CONFIG.value.parallel)  # before anything touches a device
+  if not parallel.is_main_process():
+    logging.set_verbosity(logging.WARNING)
   logging.info("config:\n%s", _CONFIG.value)
   stages.run(_CONFIG.value, _WORKDIR.value)
 

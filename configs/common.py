@@ -37,7 +37,6 @@ def model_config(tiny: bool) -> ml_collections.ConfigDict:
   m.feature_dim = 16 if tiny else 128  # the face feature (fed to fusion later)
   m.embed_dim = 32  # FEC expression embedding (head A)
   m.num_classes = 8  # AffectNet expression logits (head B)
-  m.dtype = "float32"  # computation dtype ("float32" or "bfloat16"); params stay float32
   return m
 
 
@@ -59,7 +58,8 @@ def stage_config(tiny: bool, *, steps: int, lr: float) -> ml_collections.ConfigD
   """One face training stage (teacher or student): schedule, batches, loss weights."""
   s = schedule_config(tiny, steps=steps, lr=lr)
   s.batch_faces = 8 if tiny else 16  # labelled faces per step (global batch)
-  s.batch_triplets = 4  # FEC triplets per step (3 faces each)
+  # FEC triplets per step (3 faces each); :tiny 8, a multiple of the 8 test devices.
+  s.batch_triplets = 8 if tiny else 4
   s.batch_unlabelled = 0  # unlabelled faces per step (distillation only)
   s.triplet_margins = (0.1, 0.2, 0.2)  # per triplet type (one/two/three class), as in FEC
   s.temperature = 2.0  # distillation softmax temperature
@@ -89,7 +89,6 @@ def audio_config(tiny: bool) -> ml_collections.ConfigDict:
   a.width = 0.125 if tiny else 1.0  # conv channel multiplier (1.0 = VGGish)
   a.fc_dim = 64 if tiny else 4096  # the two hidden fully connected layers
   a.embed_dim = 16 if tiny else 128  # the audio embedding fed to fusion
-  a.dtype = "float32"  # computation dtype; params stay float32
   a.train = schedule_config(tiny, steps=200, lr=3e-4)
   a.train.batch = 16 if tiny else 32  # clips (one 0.96 s log-mel example each) per step
   # term -> weight: "ccc" (1 - CCC over the batch, per dimension) and/or "mse".
@@ -107,14 +106,31 @@ def fusion_config(tiny: bool) -> ml_collections.ConfigDict:
   f.modality_dropout = 0.0  # fused model, training: P(one modality zeroed for a whole sequence)
   f.chunk_frames = 50 if tiny else 100  # training sub-sequence length (4 s at 25 Hz)
   f.train = schedule_config(tiny, steps=800, lr=1e-3)
-  f.train.batch = 4 if tiny else 8  # sub-sequences per step
+  f.train.batch = 8  # sub-sequences per step
   f.train.loss = ml_collections.ConfigDict({"ccc": 1.0})  # "ccc" and/or "mse", as for audio
   return f
+
+
+def parallel_config() -> ml_collections.ConfigDict:
+  """Data parallelism over all devices of all processes (batch sizes above are global)."""
+  p = ml_collections.ConfigDict()
+  p.backend = "jit"  # "jit": NamedSharding over a ("data",) mesh; "pmap": one process only
+  # jax.distributed.initialize(): "auto" when launched multi-process (TPU VM pod, SLURM, MPI),
+  # "on" always (JAX finds the cluster), "off" never; an explicit coordinator_address wins.
+  p.distributed = "auto"
+  p.coordinator_address = ""  # "host:port" of process 0, for launches JAX cannot detect
+  p.num_processes = 1  # with coordinator_address
+  p.process_id = 0  # with coordinator_address
+  return p
 
 
 def base_config(tiny: bool) -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.seed = 0  # one seed for data, init and augmentation
+  # Computation dtype of the face and audio networks ("float32" or "bfloat16"); parameters,
+  # optimizer state, BatchNorm statistics and losses stay float32.
+  c.dtype = "float32"
+  c.parallel = parallel_config()
   c.data = data_config(tiny)
   c.model = model_config(tiny)
   c.stages = ("teacher",)  # stages run in order, each in WORKDIR/<stage>

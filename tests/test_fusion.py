@@ -191,6 +191,10 @@ def test_tiny_fusion_end_to_end(tmp_path):
     lines = (tmp_path / "fusion" / model / "metrics.jsonl").read_text().splitlines()
     assert json.loads(lines[-1])["step"] == 20 and "eval_ccc_valence" in lines[-1]
   assert json.loads((tmp_path / "summary.json").read_text())["fusion"] == summary["fusion"]
+  by_condition = summary["fusion_by_condition"]
+  assert set(by_condition) == {"both present", "voice silent", "face hidden"}
+  both = by_condition["both present"]
+  assert both["frames"] > 1 and -1.0 <= both["fused"]["ccc_arousal"] <= 1.0
   assert len(list((tmp_path / "fusion" / "plots").glob("dev_*.png"))) == 2
   cache = tmp_path / "fusion" / "features_train.npz"
   with np.load(cache) as f:

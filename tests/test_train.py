@@ -30,7 +30,7 @@ def setup():
   size = config.data.image_size
   teacher_state = state_lib.create(model, config.teacher, jax.random.key(0),
                                    build.face_inputs(size))
-  batch = next(pipeline.train_iterator(config, config.student, sources, seed=0))
+  batch = next(pipeline.train_iterator(config, "student", sources, seed=0))
   return config, model, teacher_state, batch
 
 
@@ -56,7 +56,7 @@ def test_distill_step_compiles_once_and_leaves_teacher_unchanged(setup):
   step = jax.jit(functools.partial(
       steps.distill_step, weights=dict(cfg.loss), margins=tuple(cfg.triplet_margins),
       temperature=cfg.temperature), donate_argnums=0)
-  batches = pipeline.train_iterator(config, cfg, pipeline.make_sources(config.data, 0), seed=3)
+  batches = pipeline.train_iterator(config, "student", pipeline.make_sources(config.data, 0), seed=3)
   for _ in range(3):
     state, metrics = step(state, teacher_vars, next(batches))
   assert step._cache_size() == 1

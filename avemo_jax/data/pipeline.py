@@ -7,6 +7,10 @@ A training step draws, together (DESIGN.md §1.2), a batch of labelled faces, a 
 triplets and (distillation) a batch of unlabelled faces. Every stream is a `grain.MapDataset`,
 so batch i is a pure function of (seed, i): the iterator state is one index, checkpointed with
 the model, and a resumed run sees exactly the batches an uninterrupted run would.
+
+Batch sizes in the config are global. Each process reads every process_count-th example of a
+stream (`parallel.shard_stream`, after augmentation, which is seeded per example) and batches
+its share: together the processes hold exactly the single-process global batch.
 """
 import dataclasses
 from collections.abc import Iterator
@@ -15,6 +19,7 @@ import grain
 import ml_collections
 import numpy as np
 
+from avemo_jax import parallel
 from avemo_jax.data import audio_features, synthetic
 
 
@@ -66,27 +71,36 @@ def augment(image_HxWx3: np.ndarray, rng: np.random.Generator, *, pad: int, flip
   return np.ascontiguousarray(x, dtype=np.uint8)
 
 
-def _stream(source, *, seed: int, batch: int, aug) -> grain.MapDataset:
+def _batched(ds: grain.MapDataset, global_batch: int, what: str) -> grain.MapDataset:
+  """This process's share of every global batch of an (augmented) example stream."""
+  batch = parallel.process_batch(global_batch, what)
+  return parallel.shard_stream(ds).batch(batch, drop_remainder=True)
+
+
+def _stream(source, *, seed: int, batch: int, what: str, aug) -> grain.MapDataset:
   """Infinite, reshuffled every epoch, augmented per example, batched."""
   ds = grain.MapDataset.source(source).seed(seed).shuffle().repeat(None)
-  return ds.random_map(aug).batch(batch, drop_remainder=True)
+  return _batched(ds.random_map(aug), batch, what)
 
 
-def train_iterator(config: ml_collections.ConfigDict, stage: ml_collections.ConfigDict,
-                   sources: Sources, *, seed: int) -> grain.DatasetIterator:
-  """Checkpointable iterator of {"faces", "triplets"[, "unlabelled"]} batches for one stage."""
-  d = config.data
+def train_iterator(config: ml_collections.ConfigDict, name: str, sources: Sources, *,
+                   seed: int) -> grain.DatasetIterator:
+  """Checkpointable iterator of {"faces", "triplets"[, "unlabelled"]} batches for the face
+  stage `name` ("teacher" or "student": its config section gives the batch sizes)."""
+  d, stage = config.data, config[name]
   aug = lambda im, rng: augment(im, rng, pad=d.crop_pad, flip=d.flip, jitter=d.colour_jitter)
   face_aug = lambda ex, rng: {**ex, "image": aug(ex["image"], rng)}
   triplet_aug = lambda ex, rng: {**ex, "images": np.stack([aug(im, rng) for im in ex["images"]])}
   streams = {
-      "faces": _stream(sources.train_faces, seed=seed, batch=stage.batch_faces, aug=face_aug),
+      "faces": _stream(sources.train_faces, seed=seed, batch=stage.batch_faces,
+                       what=f"{name}.batch_faces", aug=face_aug),
       "triplets": _stream(sources.train_triplets, seed=seed + 1, batch=stage.batch_triplets,
-                          aug=triplet_aug),
+                          what=f"{name}.batch_triplets", aug=triplet_aug),
   }
   if stage.batch_unlabelled:
     streams["unlabelled"] = _stream(sources.unlabelled, seed=seed + 2,
-                                    batch=stage.batch_unlabelled, aug=face_aug)
+                                    batch=stage.batch_unlabelled,
+                                    what=f"{name}.batch_unlabelled", aug=face_aug)
   names = tuple(streams)
   length = min(len(s) for s in streams.values())  # all "infinite": equalise for the zip
   zipped = grain.experimental.ZipMapDataset([streams[n][:length] for n in names])
@@ -104,7 +118,7 @@ def clip_iterator(clips, *, seed: int, batch: int, data: ml_collections.ConfigDi
   to_example = lambda ex: {"mel": audio_features.waveform_to_examples(
       ex["audio"], audio_features.SAMPLE_RATE)[0], "labels": ex["labels"]}
   ds = grain.MapDataset.source(clips).seed(seed).shuffle().repeat(None).map(to_example)
-  return _iterator(ds.batch(batch, drop_remainder=True), data)
+  return _iterator(_batched(ds, batch, "audio.train.batch"), data)
 
 
 def chunk_iterator(features: dict[str, np.ndarray], *, seed: int, batch: int, frames: int,
@@ -124,7 +138,7 @@ def chunk_iterator(features: dict[str, np.ndarray], *, seed: int, batch: int, fr
     return {**out, "lengths": np.int32(min(frames, length))}
 
   ds = grain.MapDataset.range(len(features["lengths"])).seed(seed).shuffle().repeat(None)
-  return _iterator(ds.random_map(window).batch(batch, drop_remainder=True), data)
+  return _iterator(_batched(ds.random_map(window), batch, "fusion.train.batch"), data)
 
 
 def eval_batches(source, batch: int, keys: tuple[str, ...]) -> Iterator[dict[str, np.ndarray]]:

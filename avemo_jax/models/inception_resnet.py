@@ -51,13 +51,14 @@ class BasicConv2d(nn.Module):
   strides: int = 1
   padding: Padding = 0
   dtype: Any = jnp.float32
+  axis_name: str | None = None  # pmap axis: BatchNorm statistics over the global batch
 
   @nn.compact
   def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
     x = nn.Conv(self.features, self.kernel, strides=self.strides, padding=_pad(self.padding),
                 use_bias=False, dtype=self.dtype, name="conv")(x)
     x = nn.BatchNorm(use_running_average=not train, momentum=BN_MOMENTUM, epsilon=BN_EPSILON,
-                     dtype=self.dtype, name="bn")(x)
+                     dtype=self.dtype, axis_name=self.axis_name, name="bn")(x)
     return nn.relu(x)
 
 
@@ -75,6 +76,7 @@ class _Branchy(nn.Module):
   BRANCHES: ClassVar[Branches] = ()
   width: float = 1.0
   dtype: Any = jnp.float32
+  axis_name: str | None = None
 
   def branches(self, x: jax.Array, *, train: bool) -> list[jax.Array]:
     """Outputs of every branch; chain members are named `{branch}_{i}` like torch's
@@ -85,7 +87,7 @@ class _Branchy(nn.Module):
       for i, (features, *rest) in enumerate(specs):
         sub = name if len(specs) == 1 else f"{name}_{i}"
         y = BasicConv2d(scaled_channels(features, self.width), *rest, dtype=self.dtype,
-                        name=sub)(y, train=train)
+                        axis_name=self.axis_name, name=sub)(y, train=train)
       outs.append(y)
     return outs
 
@@ -156,12 +158,13 @@ class Repeat(nn.Module):
   scale: float
   width: float = 1.0
   dtype: Any = jnp.float32
+  axis_name: str | None = None
 
   @nn.compact
   def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
     for i in range(self.num):
       x = self.block(scale=self.scale, width=self.width, dtype=self.dtype,
-                     name=f"block_{i}")(x, train=train)
+                     axis_name=self.axis_name, name=f"block_{i}")(x, train=train)
     return x
 
 
@@ -176,6 +179,7 @@ class InceptionResnetV1(nn.Module):
   width: float = 1.0
   depth: tuple[int, int, int] = (5, 10, 5)
   dtype: Any = jnp.float32
+  axis_name: str | None = None
 
   @nn.compact
   def __call__(self, x_BxHxWx3: jax.Array, *,
@@ -185,8 +189,9 @@ class InceptionResnetV1(nn.Module):
     if min(x_BxHxWx3.shape[1:3]) < MIN_INPUT_SIZE:
       raise ValueError(f"input must be at least {MIN_INPUT_SIZE}px, got {x_BxHxWx3.shape}")
     conv = lambda name, c, *rest: BasicConv2d(scaled_channels(c, self.width), *rest,
-                                              dtype=self.dtype, name=name)
-    kw = dict(width=self.width, dtype=self.dtype)
+                                              dtype=self.dtype, axis_name=self.axis_name,
+                                              name=name)
+    kw = dict(width=self.width, dtype=self.dtype, axis_name=self.axis_name)
     aux = {}
 
     x = x_BxHxWx3.astype(self.dtype)

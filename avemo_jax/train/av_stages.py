@@ -3,7 +3,9 @@
 audio:  VGGish regresses clip-level valence/arousal of synthetic voice clips -> WORKDIR/audio.
 fusion: per-frame features of the frozen student and audio encoder (cached), then one GRU per
         entry of config.fusion.models (audio-only, visual-only, fused) -> WORKDIR/fusion/<model>,
-        dev CCCs in summary.json["fusion"] and a valence/arousal plot per dev recording.
+        dev CCCs in summary.json["fusion"] (and per condition: both modalities present, voice
+        silent, face hidden, in ["fusion_by_condition"]) and a valence/arousal plot per dev
+        recording with the missing-modality stretches shaded.
 """
 import functools
 import logging
@@ -16,7 +18,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from avemo_jax import metrics, plots
+from avemo_jax import metrics, parallel, plots
 from avemo_jax.data import audio_features, pipeline, sequences
 from avemo_jax.train import build, features, loop, steps
 from avemo_jax.train import state as state_lib
@@ -26,18 +28,22 @@ MODEL_MODALITIES = {"audio": ("audio",), "visual": ("visual",), "fused": ("visua
 
 
 def run(config: ml_collections.ConfigDict, workdir: pathlib.Path, summary: dict[str, Any],
-        student_variables: dict[str, Any] | None, write_summary: Callable) -> None:
+        student_variables: dict[str, Any] | None, par: parallel.DataParallel,
+        write_summary: Callable) -> None:
   audio_variables = None
   if "audio" in config.stages:
-    audio_variables = _audio_stage(config, workdir, summary, write_summary)
+    audio_variables = _audio_stage(config, workdir, summary, par, write_summary)
   if "fusion" in config.stages:
     if student_variables is None:
-      student_variables = _load(config, "student_checkpoint", build.face_model(config.model),
+      student_variables = _load(config, "student_checkpoint",
+                                build.face_model(config.model, dtype=config.dtype),
                                 config.student, build.face_inputs(config.data.image_size))
     if audio_variables is None:
-      audio_variables = _load(config, "audio_checkpoint", build.audio_model(config.audio),
+      audio_variables = _load(config, "audio_checkpoint",
+                              build.audio_model(config.audio, dtype=config.dtype),
                               config.audio.train, build.audio_inputs())
-    _fusion_stage(config, workdir, summary, write_summary, student_variables, audio_variables)
+    _fusion_stage(config, workdir, summary, par, write_summary, student_variables,
+                  audio_variables)
 
 
 def _load(config, key: str, model, stage_cfg, inputs) -> dict[str, Any]:
@@ -49,9 +55,9 @@ def _load(config, key: str, model, stage_cfg, inputs) -> dict[str, Any]:
   return load_variables(config[key], template, f"config.{key}")
 
 
-def _audio_stage(config, workdir: pathlib.Path, summary, write_summary) -> dict[str, Any]:
+def _audio_stage(config, workdir: pathlib.Path, summary, par, write_summary) -> dict[str, Any]:
   cfg, seq = config.audio.train, config.sequences
-  model = build.audio_model(config.audio)
+  model = build.audio_model(config.audio, dtype=config.dtype)
   dev = sequences.SyntheticClips(seq.num_dev_clips, seed=config.seed + 1)
   dev_mel = np.stack([audio_features.waveform_to_examples(c["audio"], sequences.SAMPLE_RATE)[0]
                       for c in dev])
@@ -72,21 +78,23 @@ def _audio_stage(config, workdir: pathlib.Path, summary, write_summary) -> dict[
       evaluate=evaluate)
   start = time.perf_counter()
   state = state_lib.create(model, cfg, jax.random.key(config.seed + 2), build.audio_inputs())
-  state, result = loop.train(stage, state, workdir / "audio", config.max_checkpoints)
+  state, result = loop.train(stage, state, workdir / "audio", config.max_checkpoints, par)
   summary["audio"] = {**result, "train_seconds": round(time.perf_counter() - start, 1)}
   write_summary(workdir, summary)
   logging.info("[audio] dev clips %s", summary["audio"])
-  return state.variables
+  return parallel.local(state.variables)
 
 
 def _features(config, workdir: pathlib.Path, student_variables, audio_variables
               ) -> dict[str, dict[str, np.ndarray]]:
   """Cached per-frame features of the train and dev recordings."""
   seq, size = config.sequences, config.data.image_size
-  face, audio = build.face_model(config.model), build.audio_model(config.audio)
+  face = build.face_model(config.model, dtype=config.dtype)
+  audio = build.audio_model(config.audio, dtype=config.dtype)
   face_fn = jax.jit(lambda x: face.apply(student_variables, x, train=False)[1]["feature"])
   audio_fn = jax.jit(lambda x: audio.apply(audio_variables, x)[1]["embedding"])
-  key = {"seed": config.seed, "sequences": seq.to_dict(), "image_size": size,
+  key = {"seed": config.seed, "generator": sequences.VERSION, "sequences": seq.to_dict(),
+         "image_size": size, "dtype": config.dtype,
          "student": features.fingerprint(student_variables),
          "audio": features.fingerprint(audio_variables)}
   out = {}
@@ -102,7 +110,7 @@ def _features(config, workdir: pathlib.Path, student_variables, audio_variables
   return out
 
 
-def _fusion_stage(config, workdir: pathlib.Path, summary, write_summary, student_variables,
+def _fusion_stage(config, workdir: pathlib.Path, summary, par, write_summary, student_variables,
                   audio_variables) -> None:
   cfg = config.fusion.train
   start = time.perf_counter()
@@ -137,15 +145,43 @@ def _fusion_stage(config, workdir: pathlib.Path, summary, write_summary, student
     dims = {m: train[m].shape[-1] for m in modalities}
     began = time.perf_counter()
     state = state_lib.create(model, cfg, jax.random.key(config.seed + 3), build.fusion_inputs(dims))
-    _, result = loop.train(stage, state, workdir / "fusion" / name, config.max_checkpoints)
+    _, result = loop.train(stage, state, workdir / "fusion" / name, config.max_checkpoints, par)
     dev_predictions[name] = result.pop("predictions")
     report[name] = {**result, "train_seconds": round(time.perf_counter() - began, 1)}
     logging.info("[fusion/%s] dev %s", name, {k: round(v, 4) for k, v in result.items()})
+  gaps = _dev_gaps(config)
   plot_dir = workdir / "fusion" / "plots"
   plot_dir.mkdir(parents=True, exist_ok=True)
-  for r, n in enumerate(lengths):
+  for r, n in enumerate(lengths if parallel.is_main_process() else ()):
     plots.valence_arousal_png(dev["labels"][r, :n],
                               {k: v[r, :n] for k, v in dev_predictions.items()},
-                              plot_dir / f"dev_{r:02d}.png", f"dev recording {r}")
+                              plot_dir / f"dev_{r:02d}.png", f"dev recording {r}", gaps=gaps[r])
   summary["fusion"] = report
+  summary["fusion_by_condition"] = _by_condition(gaps, dev["labels"], dev_predictions, lengths)
   write_summary(workdir, summary)
+
+
+def _dev_gaps(config) -> list[dict[str, np.ndarray]]:
+  """Per dev recording, bool [T] masks of the frames where the voice is silent / face hidden."""
+  seq = config.sequences
+  recordings = sequences.SyntheticRecordings(seq.num_dev, seed=config.seed, split="dev",
+                                             seconds=seq.dev_seconds, size=config.data.image_size)
+  return [{"voice silent": ~rec.speaking, "face hidden": ~rec.visible} for rec in
+          (recordings[r] for r in range(len(recordings)))]
+
+
+def _by_condition(gaps, labels, predictions, lengths) -> dict[str, dict[str, Any]]:
+  """Dev CCC (recordings concatenated) of each model on the frames where both modalities are
+  present, where the voice is silent and where the face is hidden: where fusion earns its keep."""
+  select = {"both present": lambda g: ~(g["voice silent"] | g["face hidden"]),
+            "voice silent": lambda g: g["voice silent"], "face hidden": lambda g: g["face hidden"]}
+  out = {}
+  for condition, mask_of in select.items():
+    masks = [mask_of(g)[:n] for g, n in zip(gaps, lengths)]
+    pick = lambda x: np.concatenate([x[r, :n][m] for r, (n, m) in enumerate(zip(lengths, masks))])
+    truth = pick(labels)
+    out[condition] = {"frames": len(truth)}
+    for name, pred in predictions.items() if len(truth) > 1 else ():
+      out[condition][name] = {f"ccc_{dim}": metrics.ccc(pick(pred)[:, d], truth[:, d])
+                              for d, dim in enumerate(("valence", "arousal"))}
+  return out

@@ -6,11 +6,24 @@ import ml_collections
 from avemo_jax.models import audio, face, fusion
 
 
-def face_model(m: ml_collections.ConfigDict) -> face.FaceNet:
+DTYPES = ("float32", "bfloat16")
+
+
+def compute_dtype(name: str) -> jnp.dtype:
+  """config.dtype -> the networks' computation dtype. float16 is not offered: it would need loss
+  scaling, which bfloat16 (float32's exponent range) does not."""
+  if name not in DTYPES:
+    raise ValueError(f"config.dtype={name!r}: choose from {DTYPES}")
+  return jnp.dtype(name)
+
+
+def face_model(m: ml_collections.ConfigDict, *, dtype: str = "float32",
+               axis_name: str | None = None) -> face.FaceNet:
+  """`dtype`: computation dtype (config.dtype); `axis_name`: the pmap axis, for BatchNorm."""
   return face.FaceNet(cut=m.cut, width=m.width, depth=tuple(m.depth),
                       proj_features=m.proj_features, dense_layers=m.dense_layers,
                       growth=m.growth, feature_dim=m.feature_dim, embed_dim=m.embed_dim,
-                      num_classes=m.num_classes, dtype=jnp.dtype(m.dtype))
+                      num_classes=m.num_classes, dtype=compute_dtype(dtype), axis_name=axis_name)
 
 
 def face_inputs(size: int) -> tuple[jax.Array]:
@@ -18,9 +31,9 @@ def face_inputs(size: int) -> tuple[jax.Array]:
   return (jnp.zeros((1, size, size, 3), jnp.uint8),)
 
 
-def audio_model(a: ml_collections.ConfigDict) -> audio.VGGish:
+def audio_model(a: ml_collections.ConfigDict, *, dtype: str = "float32") -> audio.VGGish:
   return audio.VGGish(width=a.width, fc_dim=a.fc_dim, embed_dim=a.embed_dim,
-                      dtype=jnp.dtype(a.dtype))
+                      dtype=compute_dtype(dtype))
 
 
 def audio_inputs() -> tuple[jax.Array]:

@@ -4,6 +4,7 @@ import pathlib
 from typing import Any
 
 import grain
+import jax
 import orbax.checkpoint as ocp
 
 from avemo_jax.train.state import TrainState
@@ -47,7 +48,8 @@ def load_variables(path: str, template: TrainState, what: str) -> dict[str, Any]
   """Model variables of the newest checkpoint in a stage directory (or its checkpoints/ folder).
 
   `template` is a (possibly abstract, `jax.eval_shape`) state of the same model and optimizer;
-  `what` names the config key in errors.
+  `what` names the config key in errors. The variables land on this process's first device,
+  whatever the devices and processes the checkpoint was written from.
   """
   directory = pathlib.Path(path)
   if (directory / "checkpoints").is_dir():
@@ -59,6 +61,9 @@ def load_variables(path: str, template: TrainState, what: str) -> dict[str, Any]
   if checkpoints.latest_step() is None:
     raise FileNotFoundError(f"{what}={path!r}: no Orbax checkpoint in {directory}; give a stage "
                             "directory (e.g. WORKDIR/student) or its checkpoints/ folder")
+  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  template = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
+                          template)
   try:
     return checkpoints.restore(template, None).variables
   finally:

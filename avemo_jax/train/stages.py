@@ -11,7 +11,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from avemo_jax import plots
+from avemo_jax import parallel, plots
 from avemo_jax.data import pipeline, synthetic
 from avemo_jax.train import av_stages, build, loop, steps
 from avemo_jax.train import state as state_lib
@@ -22,6 +22,8 @@ STAGES = ("teacher", "student", "audio", "fusion")
 
 
 def _write_summary(workdir: pathlib.Path, summary: dict[str, Any]) -> None:
+  if not parallel.is_main_process():
+    return
   path = workdir / "summary.json"
   tmp = path.with_suffix(".json.tmp")  # never leave a half-written summary behind
   tmp.write_text(json.dumps(summary, indent=2) + "\n")
@@ -30,8 +32,9 @@ def _write_summary(workdir: pathlib.Path, summary: dict[str, Any]) -> None:
 
 def _finish(workdir: pathlib.Path, name: str, result: dict[str, Any], seconds: float,
             summary: dict[str, Any]) -> None:
-  plots.confusion_matrix_png(np.asarray(result["confusion"]), synthetic.EXPRESSIONS,
-                             workdir / name / "confusion.png", f"{name}: held-out faces")
+  if parallel.is_main_process():
+    plots.confusion_matrix_png(np.asarray(result["confusion"]), synthetic.EXPRESSIONS,
+                               workdir / name / "confusion.png", f"{name}: held-out faces")
   summary[name] = {k: v for k, v in result.items() if k != "predictions"}
   summary[name]["train_seconds"] = round(seconds, 1)
   _write_summary(workdir, summary)
@@ -52,21 +55,25 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict[
   workdir.mkdir(parents=True, exist_ok=True)
   path = workdir / "summary.json"
   summary: dict[str, Any] = json.loads(path.read_text()) if path.exists() else {}
+  par = parallel.DataParallel(config.parallel.backend)
   student = None
   if {"teacher", "student"} & set(config.stages):
-    student = _visual_stages(config, workdir, summary)
+    student = _visual_stages(config, workdir, summary, par)
   if "audio" in config.stages or "fusion" in config.stages:
-    av_stages.run(config, workdir, summary, student, write_summary=_write_summary)
+    av_stages.run(config, workdir, summary, student, par, write_summary=_write_summary)
   return summary
 
 
 def _visual_stages(config: ml_collections.ConfigDict, workdir: pathlib.Path,
-                   summary: dict[str, Any]) -> dict[str, Any] | None:
-  """Teacher, then student; returns the student's variables when the student stage ran."""
+                   summary: dict[str, Any], par: parallel.DataParallel
+                   ) -> dict[str, Any] | None:
+  """Teacher, then student; returns the student's variables (single-device) when the student
+  stage ran."""
   size = config.data.image_size
-  synthetic.save_sample_grid(workdir / "sample_faces.png", seed=config.seed, size=size)
+  if parallel.is_main_process():
+    synthetic.save_sample_grid(workdir / "sample_faces.png", seed=config.seed, size=size)
   sources = pipeline.make_sources(config.data, config.seed)
-  model = build.face_model(config.model)
+  model = build.face_model(config.model, dtype=config.dtype, axis_name=par.axis_name)
   rng = jax.random.key(config.seed)
   evaluator = Evaluator(model, sources, config.data.eval_batch)
   teacher_variables, teacher_predictions = None, None
@@ -78,13 +85,13 @@ def _visual_stages(config: ml_collections.ConfigDict, workdir: pathlib.Path,
         step=functools.partial(steps.teacher_step, weights=dict(cfg.loss),
                                margins=tuple(cfg.triplet_margins)),
         step_args=(),
-        batches=pipeline.train_iterator(config, cfg, sources, seed=config.seed),
+        batches=pipeline.train_iterator(config, "teacher", sources, seed=config.seed),
         evaluate=lambda s: evaluator(s.variables))
     start = time.perf_counter()
     state = state_lib.create(model, cfg, jax.random.fold_in(rng, 0), build.face_inputs(size))
-    state, result = loop.train(stage, state, workdir / "teacher", config.max_checkpoints)
+    state, result = loop.train(stage, state, workdir / "teacher", config.max_checkpoints, par)
     _finish(workdir, "teacher", result, time.perf_counter() - start, summary)
-    teacher_variables, teacher_predictions = state.variables, result["predictions"]
+    teacher_variables, teacher_predictions = parallel.local(state.variables), result["predictions"]
 
   if "student" not in config.stages:
     return None
@@ -106,11 +113,11 @@ def _visual_stages(config: ml_collections.ConfigDict, workdir: pathlib.Path,
       step=functools.partial(steps.distill_step, weights=dict(cfg.loss),
                              margins=tuple(cfg.triplet_margins), temperature=cfg.temperature),
       step_args=(teacher_variables,),
-      batches=pipeline.train_iterator(config, cfg, sources, seed=config.seed + 10),
+      batches=pipeline.train_iterator(config, "student", sources, seed=config.seed + 10),
       evaluate=lambda s: evaluator(s.variables, teacher_predictions))
   start = time.perf_counter()
   state = state_lib.create(model, cfg, jax.random.fold_in(rng, 1), build.face_inputs(size),
                            init)
-  state, result = loop.train(stage, state, workdir / "student", config.max_checkpoints)
+  state, result = loop.train(stage, state, workdir / "student", config.max_checkpoints, par)
   _finish(workdir, "student", result, time.perf_counter() - start, summary)
-  return state.variables
+  return parallel.local(state.variables)

@@ -1,0 +1,134 @@
+"""Data parallelism over every device of every process, with JAX's own runtime.
+
+One mesh axis, "data", over all devices of all processes: parameters and optimizer state are
+replicated, every batch is sharded along its leading dimension. Two backends run the same step:
+
+- "jit" (default): the global step is compiled once with `NamedSharding`s and XLA inserts the
+  collectives, so BatchNorm statistics and batch-level losses (CCC) are global-batch ones;
+- "pmap": the step runs per device with `axis_name` set: BatchNorm averages its statistics over
+  the axis, model outputs are gathered over it before the losses, gradients are averaged.
+
+Each process reads only its share of every global batch (`shard_stream`), and the global batch
+is assembled with `jax.make_array_from_process_local_data`.
+"""
+import functools
+import logging
+import os
+from collections.abc import Callable
+from typing import Any
+
+import grain
+import jax
+import ml_collections
+import numpy as np
+from jax.sharding import AxisType, NamedSharding, PartitionSpec
+
+AXIS = "data"
+BACKENDS = ("jit", "pmap")
+
+
+def initialize(p: ml_collections.ConfigDict) -> None:
+  """`jax.distributed.initialize` when configured (`coordinator_address`, or `distributed="on"`)
+  or, with `distributed="auto"`, when a multi-process launch is detected (TPU VM pod, SLURM,
+  Open MPI: JAX then finds the coordinator and this process's rank itself). Call it first."""
+  if p.distributed not in ("auto", "on", "off"):
+    raise ValueError(f"config.parallel.distributed={p.distributed!r}: 'auto', 'on' or 'off'")
+  if p.coordinator_address:
+    jax.distributed.initialize(p.coordinator_address, p.num_processes, p.process_id)
+  elif p.distributed == "on" or (p.distributed == "auto" and _launched_multiprocess()):
+    jax.distributed.initialize()
+  else:
+    return
+  logging.info("process %d of %d, %d of %d devices local", jax.process_index(),
+               jax.process_count(), jax.local_device_count(), jax.device_count())
+
+
+def _launched_multiprocess() -> bool:
+  env = os.environ
+  return (int(env.get("SLURM_NTASKS", "1")) > 1 or int(env.get("OMPI_COMM_WORLD_SIZE", "1")) > 1
+          or "," in env.get("TPU_WORKER_HOSTNAMES", ""))
+
+
+def is_main_process() -> bool:
+  """Process 0 writes metrics, summaries and plots; every process joins in checkpoints."""
+  return jax.process_index() == 0
+
+
+def process_batch(global_batch: int, what: str) -> int:
+  """This process's share of a global batch; it must split into whole per-device batches."""
+  devices = jax.device_count()
+  if global_batch <= 0 or global_batch % devices:
+    fit = max(devices, global_batch // devices * devices)
+    raise ValueError(
+        f"config {what}={global_batch} is a global batch: it must be a positive multiple of the "
+        f"{devices} devices ({jax.process_count()} process(es)); e.g. --config.{what}={fit}")
+  return global_batch // jax.process_count()
+
+
+def shard_stream(ds: grain.MapDataset) -> grain.MapDataset:
+  """Every process_count-th example, from this process's index: the processes' batches of the
+  same step together hold exactly the examples of the single-process global batch."""
+  return ds[jax.process_index()::jax.process_count()]
+
+
+def local(tree: Any) -> Any:
+  """Replicated arrays as single-device arrays on this process's first device: evaluation and
+  feature extraction run whole in every process, without collectives."""
+  return jax.tree.map(lambda x: x.addressable_data(0) if isinstance(x, jax.Array) else x, tree)
+
+
+class DataParallel:
+  """Places state and batches for one backend and compiles steps for it."""
+
+  def __init__(self, backend: str = "jit", devices: list[jax.Device] | None = None):
+    """Over all devices of all processes, or the given ones (one process: tests, debugging)."""
+    if backend not in BACKENDS:
+      raise ValueError(f"config.parallel.backend={backend!r}: choose from {BACKENDS}")
+    if backend == "pmap" and jax.process_count() > 1:
+      raise ValueError("config.parallel.backend='pmap' runs in one process; use 'jit' for "
+                       "multi-process training")
+    self.backend = backend
+    self.axis_name = AXIS if backend == "pmap" else None  # for BatchNorm in pmap'd models
+    devices = jax.devices() if devices is None else devices
+    self.mesh = jax.make_mesh((len(devices),), (AXIS,), axis_types=(AxisType.Auto,),
+                              devices=devices)
+    self.num_devices = len(devices)
+    self.replicated = NamedSharding(self.mesh, PartitionSpec())
+    self.sharded = NamedSharding(self.mesh, PartitionSpec(AXIS))
+
+  def put(self, tree: Any) -> Any:
+    """Replicates a state (or any tree of arrays) over all devices."""
+    if self.backend == "pmap":
+      return jax.device_put(tree, self.replicated)  # pmap takes it unmapped (in_axes=None)
+    return jax.tree.map(lambda x: _replicate(x, self.replicated), tree)
+
+  def batch(self, local_batch: Any) -> Any:
+    """This process's share of a batch -> the global batch (jit) or a per-device stack (pmap)."""
+    if self.backend == "pmap":
+      n = self.num_devices
+      return jax.tree.map(lambda x: np.reshape(x, (n, -1, *np.shape(x)[1:])), local_batch)
+    return jax.tree.map(
+        lambda x: jax.make_array_from_process_local_data(self.sharded, np.asarray(x)),
+        local_batch)
+
+  def compile(self, step: Callable, num_args: int) -> Callable:
+    """`step(state, *args, batch, axis_name=None)`, compiled once; the state is donated and the
+    `num_args` extra arguments (e.g. a frozen teacher) are replicated like the state."""
+    if self.backend == "pmap":
+      return jax.pmap(functools.partial(step, axis_name=AXIS), axis_name=AXIS,
+                      in_axes=(None,) * (1 + num_args) + (0,), out_axes=None,
+                      devices=self.mesh.devices.tolist())
+    return jax.jit(step, in_shardings=(self.replicated,) * (1 + num_args) + (self.sharded,),
+                   out_shardings=self.replicated, donate_argnums=0)
+
+
+def _replicate(x: Any, sharding: NamedSharding) -> Any:
+  """`x` as a global array with `sharding`; in several processes `x` must be the same in each."""
+  if isinstance(x, jax.Array) and x.sharding == sharding:
+    return x
+  if jax.process_count() == 1:
+    return jax.device_put(x, sharding)
+  if isinstance(x, jax.Array) and not x.is_fully_addressable:
+    return jax.jit(lambda y: y, out_shardings=sharding)(x)
+  host = np.asarray(x)
+  return jax.make_array_from_callback(host.shape, sharding, lambda idx: host[idx])
