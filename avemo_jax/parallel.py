@@ -21,6 +21,7 @@ import grain
 import jax
 import ml_collections
 import numpy as np
+import orbax.checkpoint as ocp
 from jax.sharding import AxisType, NamedSharding, PartitionSpec
 
 AXIS = "data"
@@ -93,6 +94,7 @@ class DataParallel:
     self.mesh = jax.make_mesh((len(devices),), (AXIS,), axis_types=(AxisType.Auto,),
                               devices=devices)
     self.num_devices = len(devices)
+    self._barriers = 0
     self.replicated = NamedSharding(self.mesh, PartitionSpec())
     self.sharded = NamedSharding(self.mesh, PartitionSpec(AXIS))
 
@@ -120,6 +122,18 @@ class DataParallel:
                       devices=self.mesh.devices.tolist())
     return jax.jit(step, in_shardings=(self.replicated,) * (1 + num_args) + (self.sharded,),
                    out_shardings=self.replicated, donate_argnums=0)
+
+  def ready(self, step: Callable, *args: Any) -> Callable:
+    """`step` (from `compile`) compiled ahead of time for `args`. With several processes it
+    returns once every process has compiled it, so that its first collective finds them all:
+    that one sets up the processes' communicator, and on CPU (gloo) waits for a late process
+    only 30 s, less than a compilation can take on a busy machine."""
+    compiled = step.lower(*args).compile()
+    if jax.process_count() > 1:
+      self._barriers += 1
+      ocp.multihost.sync_global_processes(f"avemo_jax_compiled_{self._barriers}", timeout=3600,
+                                          processes=set(range(jax.process_count())))
+    return compiled
 
 
 def _replicate(x: Any, sharding: NamedSharding) -> Any:

@@ -24,7 +24,8 @@ def _one_device() -> parallel.DataParallel:
 
 
 def _train(par: parallel.DataParallel, step, state, args, batches):
-  """STEPS steps of `step`, compiled by `par`; returns (host params, traces of the step)."""
+  """STEPS steps of `step`, compiled by `par`; returns (host variables: parameters and BatchNorm
+  statistics, traces of the step)."""
   traces = []
 
   def counted(*a, **kw):
@@ -35,7 +36,7 @@ def _train(par: parallel.DataParallel, step, state, args, batches):
   fn = par.compile(counted, len(args))
   for batch in batches:
     state, _ = fn(state, *args, par.batch(batch))
-  return jax.device_get(state.params), len(traces)
+  return jax.device_get(state.variables), len(traces)
 
 
 @pytest.fixture(scope="module")

@@ -53,14 +53,16 @@ def train(stage: Stage, state: state_lib.TrainState, workdir: pathlib.Path,
   main = parallel_lib.is_main_process()
   writer = MetricWriter(workdir, resume_step=start) if main else None
   step_args = parallel.put(stage.step_args)
-  step_fn = parallel.compile(stage.step, len(step_args))
+  step_fn, compiled = parallel.compile(stage.step, len(step_args)), None
   schedule = state_lib.schedule(cfg)
   pending, data_wait, window_start = [], 0.0, time.perf_counter()
   for step in range(start + 1, cfg.num_steps + 1):
     t0 = time.perf_counter()
     batch = parallel.batch(next(stage.batches))
     data_wait += time.perf_counter() - t0
-    state, metrics = step_fn(state, *step_args, batch)
+    if compiled is None:  # once, on the first batch: ahead of time, every process in step
+      compiled = parallel.ready(step_fn, state, *step_args, batch)
+    state, metrics = compiled(state, *step_args, batch)
     pending.append(metrics)
     last = step == cfg.num_steps
     if step % cfg.log_every == 0 or last:
