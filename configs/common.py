@@ -107,7 +107,8 @@ def fusion_config(tiny: bool) -> ml_collections.ConfigDict:
   f.chunk_frames = 50 if tiny else 100  # training sub-sequence length (4 s at 25 Hz)
   f.train = schedule_config(tiny, steps=800, lr=1e-3)
   f.train.batch = 8  # sub-sequences per step
-  f.train.loss = ml_collections.ConfigDict({"ccc": 1.0})  # "ccc" and/or "mse", as for audio
+  # term -> weight, as for audio; both declared so that either can be set from the command line.
+  f.train.loss = ml_collections.ConfigDict({"ccc": 1.0, "mse": 0.0})
   return f
 
 
