@@ -93,7 +93,6 @@ class DataParallel:
     devices = jax.devices() if devices is None else devices
     self.mesh = jax.make_mesh((len(devices),), (AXIS,), axis_types=(AxisType.Auto,),
                               devices=devices)
-    self.num_devices = len(devices)
     self._barriers = 0
     self.replicated = NamedSharding(self.mesh, PartitionSpec())
     self.sharded = NamedSharding(self.mesh, PartitionSpec(AXIS))
@@ -107,7 +106,7 @@ class DataParallel:
   def batch(self, local_batch: Any) -> Any:
     """This process's share of a batch -> the global batch (jit) or a per-device stack (pmap)."""
     if self.backend == "pmap":
-      n = self.num_devices
+      n = self.mesh.size
       return jax.tree.map(lambda x: np.reshape(x, (n, -1, *np.shape(x)[1:])), local_batch)
     return jax.tree.map(
         lambda x: jax.make_array_from_process_local_data(self.sharded, np.asarray(x)),
