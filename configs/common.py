@@ -97,12 +97,14 @@ def audio_config(tiny: bool) -> ml_collections.ConfigDict:
 
 
 def fusion_config(tiny: bool) -> ml_collections.ConfigDict:
-  """GRU over per-frame [face feature, audio embedding]; one model per entry of `models`."""
+  """GRUs over per-frame face features and audio embeddings; one model per entry of `models`."""
   f = ml_collections.ConfigDict()
   f.models = ("audio", "visual", "fused")  # trained and reported in this order
   f.hidden = 16 if tiny else 64  # GRU units
-  f.num_layers = 1  # stacked GRU layers
-  f.dropout = 0.2  # on the concatenated input features
+  f.num_layers = 0  # GRU layers over the fused per-frame vectors (level "feature": >= 1)
+  f.dropout = 0.2  # on the input features
+  # "model": one GRU per modality, their states concatenated; "feature": features concatenated
+  f.level = "model"
   f.modality_dropout = 0.0  # fused model, training: P(one modality zeroed for a whole sequence)
   f.chunk_frames = 50 if tiny else 100  # training sub-sequence length (4 s at 25 Hz)
   f.train = schedule_config(tiny, steps=800, lr=1e-3)

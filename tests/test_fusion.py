@@ -82,12 +82,39 @@ def test_vggish_param_count_and_shapes():
 
 
 def test_fusion_param_count():
-  model = FusionGRU(hidden=128)
   x = {"visual": jnp.zeros((1, 5, 128)), "audio": jnp.zeros((1, 5, 128))}
-  params = jax.eval_shape(lambda: model.init(jax.random.key(0), x, jnp.array([5])))["params"]
-  # GRU: input kernels + biases 3 x (256 x 128 + 128), recurrent kernels 3 x 128 x 128,
-  # candidate recurrent bias 128; head 128 x 2 + 2.
-  assert count(params) == 3 * (256 * 128 + 128) + 3 * 128 * 128 + 128 + 258
+  params = lambda model: jax.eval_shape(
+      lambda: model.init(jax.random.key(0), x, jnp.array([5])))["params"]
+  # A GRU on D inputs: input kernels + biases 3 x (D x 128 + 128), recurrent kernels
+  # 3 x 128 x 128, candidate recurrent bias 128.
+  gru = lambda d: 3 * (d * 128 + 128) + 3 * 128 * 128 + 128
+  # Model level: one GRU per modality, head on the 256 concatenated states.
+  assert count(params(FusionGRU(hidden=128))) == 2 * gru(128) + 256 * 2 + 2
+  # Feature level: one GRU on the 256 concatenated features, head 128 x 2 + 2.
+  assert count(params(FusionGRU(hidden=128, level="feature", num_layers=1))) == gru(256) + 258
+  with pytest.raises(ValueError, match="num_layers >= 1"):
+    FusionGRU(level="feature").init(jax.random.key(0), x, jnp.array([5]))
+
+
+def test_model_level_fusion_is_the_single_modality_grus_concatenated():
+  rng = np.random.default_rng(0)
+  x = {"visual": rng.normal(size=(2, 6, 3)).astype(np.float32),
+       "audio": rng.normal(size=(2, 6, 5)).astype(np.float32)}
+  lengths = np.array([6, 3])
+  fused = FusionGRU(hidden=4, dropout=0.0)
+  variables = fused.init(jax.random.key(0), x, lengths)
+  pred, _ = fused.apply(variables, x, lengths)
+  p = variables["params"]
+  states = []
+  for m in ("visual", "audio"):
+    single = FusionGRU(modalities=(m,), hidden=4, dropout=0.0)
+    mine = {f"gru_{m}": p[f"gru_{m}"], "va_head": {"kernel": jnp.zeros((4, 2)),
+                                                   "bias": jnp.zeros(2)}}
+    states.append(single.apply({"params": mine}, {m: x[m]}, lengths)[1]["hidden"])
+  head = p["va_head"]
+  want = jnp.concatenate(states, axis=-1) @ head["kernel"] + head["bias"]
+  for b, n in enumerate(lengths):
+    np.testing.assert_allclose(np.asarray(pred)[b, :n], np.asarray(want)[b, :n], atol=1e-6)
 
 
 def _gru_by_hand(p, x_TxD, h):
@@ -120,7 +147,7 @@ def test_gru_matches_hand_recurrence_with_padding(gru_setup):
   p = jax.tree.map(np.asarray, variables["params"])
   for b in range(2):
     n = lengths[b]
-    want = _gru_by_hand(p["gru_0"], x[b, :n], np.zeros(6))
+    want = _gru_by_hand(p["gru_audio"], x[b, :n], np.zeros(6))
     np.testing.assert_allclose(hidden[b, :n], want, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(pred[b, :n], want @ p["va_head"]["kernel"] + p["va_head"]["bias"],
                                rtol=1e-5, atol=1e-6)
@@ -140,7 +167,7 @@ def test_gru_matches_torch(gru_setup):
   torch = pytest.importorskip("torch")
   _, variables, x, lengths, _, hidden = gru_setup
   p = jax.tree.map(np.asarray, variables["params"])
-  g = p["gru_0"]
+  g = p["gru_audio"]
   gru = torch.nn.GRU(4, 6, batch_first=True)
   stack = lambda keys, part: torch.tensor(np.concatenate([g[k][part].T for k in keys]))
   with torch.no_grad():  # torch stacks the gates (r, z, n) along the output axis
@@ -218,7 +245,8 @@ def test_modality_dropout_zeroes_whole_modalities_never_all():
   x = {"visual": rng.normal(size=(16, 5, 3)).astype(np.float32),
        "audio": rng.normal(size=(16, 5, 4)).astype(np.float32)}
   lengths = np.full(16, 5)
-  make = lambda p: FusionGRU(hidden=4, dropout=0.0, modality_dropout=p)
+  make = lambda p: FusionGRU(hidden=4, dropout=0.0, modality_dropout=p, level="feature",
+                             num_layers=1)
   variables = make(0.0).init(jax.random.key(0), x, lengths)
   run = lambda p, feats: np.asarray(make(p).apply(variables, feats, lengths, train=True,
                                                   rngs={"dropout": jax.random.key(3)})[0])

@@ -42,7 +42,7 @@ def audio_inputs() -> tuple[jax.Array]:
 
 def fusion_model(f: ml_collections.ConfigDict, modalities: tuple[str, ...]) -> fusion.FusionGRU:
   return fusion.FusionGRU(modalities=modalities, hidden=f.hidden, num_layers=f.num_layers,
-                          dropout=f.dropout, modality_dropout=f.modality_dropout)
+                          dropout=f.dropout, modality_dropout=f.modality_dropout, level=f.level)
 
 
 def fusion_inputs(dims: dict[str, int]) -> tuple[dict[str, jax.Array], jax.Array]:
