@@ -1,0 +1,244 @@
+"""Google FEC (facial expression comparison) as a tfds builder with `manual_dir`, and its reader.
+
+What to download and where to put it, under one folder MANUAL_DIR:
+
+  MANUAL_DIR/faceexp-comparison-data-{train,test}-public.csv   (or in FEC_dataset/, as unzipped)
+  MANUAL_DIR/images/<basename of the URL's path>, e.g. the image of
+      http://farm4.staticflickr.com/3679/9370232143_2b1d8bc3a7_b.jpg is
+      MANUAL_DIR/images/9370232143_2b1d8bc3a7_b.jpg
+  python tools/prepare_fec.py --manual_dir=MANUAL_DIR --list_urls=urls.txt   # every image URL
+  wget -nc -i urls.txt -P MANUAL_DIR/images   # saves each URL under its basename; dead ones fail
+  python tools/prepare_fec.py --manual_dir=MANUAL_DIR --data_dir=DATA_DIR
+
+CSV (no header, 28 columns): for each of 3 faces its URL and box as fractions of the image
+(left, right, top, bottom); the triplet type (ONE_/TWO_/THREE_CLASS_TRIPLET); 6 x (annotator id,
+label 1-3 = the face most different from the other two). Our label (0-2) is the face named by
+most of the six; a tie for most (3-3 or 2-2-2) has no such face: the triplet is skipped and
+counted as "no majority". All six annotations are kept. Faces are cropped like AffectNet's
+(tfds_common: square, margin, edge padding, resize) and stored as JPEG.
+
+Many URLs are dead: triplets with a missing image are skipped and counted, and the report gives
+the number of distinct image files referenced (by rows that parse) and missing. A file that is not a JPEG (what a
+dead Flickr link may serve instead) counts as an unreadable image. Malformed lines, boxes outside
+[0, 1] and unreadable images are skipped and counted too, with a few lines quoted.
+"""
+import collections
+import csv
+import functools
+import os
+import pathlib
+import posixpath
+import urllib.parse
+from typing import NamedTuple
+
+import numpy as np
+import tensorflow_datasets as tfds
+from etils import epath
+
+from avemo_jax.data import tfds_common
+from avemo_jax.data.synthetic import TRIPLET_TYPES
+
+NUM_COLUMNS = 28
+CSVS = {"train": "faceexp-comparison-data-train-public.csv",
+        "test": "faceexp-comparison-data-test-public.csv"}
+_CSV_DIRS = (".", "FEC_dataset")
+_PROBE_ROWS = 300  # rows checked for existing images before a long run starts
+
+
+class Triplet(NamedTuple):
+  urls: tuple[str, str, str]
+  boxes: tuple[tuple[float, float, float, float], ...]  # x0, y0, x1, y1 as fractions
+  triplet_type: int  # index in TRIPLET_TYPES
+  annotators: tuple[str, ...]
+  votes: tuple[int, ...]  # per annotator: the odd face, 0-2
+  label: int  # the face named most often
+
+
+def image_name(url: str) -> str:
+  """The file name of a URL's image under MANUAL_DIR/images: the basename of its path."""
+  return posixpath.basename(urllib.parse.urlsplit(url.strip()).path)
+
+
+def _parse(fields: list[str]) -> Triplet | tfds_common.Skip:
+  """The triplet of a CSV row, or why it is unusable."""
+  bad = lambda reason, detail: tfds_common.Skip(reason, detail, "")
+  if len(fields) != NUM_COLUMNS:
+    return bad("malformed line", f"{len(fields)} columns, expected {NUM_COLUMNS}")
+  urls = tuple(fields[i].strip() for i in (0, 5, 10))
+  if not all(image_name(u) for u in urls):
+    return bad("malformed line", f"a URL without a file name in {urls}")
+  try:
+    boxes = [[float(v) for v in fields[5 * i + 1:5 * i + 5]] for i in range(3)]
+    votes = tuple(int(fields[i]) - 1 for i in range(17, NUM_COLUMNS, 2))
+  except ValueError as e:
+    return bad("malformed line", str(e))
+  kind = fields[15].strip()
+  if kind not in TRIPLET_TYPES or not all(0 <= v <= 2 for v in votes):
+    return bad("malformed line", f"triplet type {kind!r}, labels {[v + 1 for v in votes]}")
+  for left, right, top, bottom in boxes:
+    if not (0 <= left < right <= 1 and 0 <= top < bottom <= 1):
+      return bad("bad box", f"left, right, top, bottom = {left}, {right}, {top}, {bottom}")
+  counts = np.bincount(votes, minlength=3)
+  if (counts == counts.max()).sum() > 1:
+    return bad("no majority", f"labels {[v + 1 for v in votes]}")
+  return Triplet(urls, tuple((b[0], b[2], b[1], b[3]) for b in boxes), TRIPLET_TYPES.index(kind),
+                 tuple(fields[i].strip() for i in range(16, NUM_COLUMNS, 2)), votes,
+                 int(counts.argmax()))
+
+
+def _rows(path: pathlib.Path):
+  with open(path, newline="", encoding="utf-8") as f:
+    reader = csv.reader(f)
+    for fields in reader:
+      yield reader.line_num, fields
+
+
+def find_csvs(manual_dir) -> dict[str, pathlib.Path]:
+  """The two CSVs under `manual_dir`, or an error saying where they belong."""
+  manual_dir = pathlib.Path(manual_dir)
+  csvs = {}
+  for split, name in CSVS.items():
+    found = [manual_dir / d / name for d in _CSV_DIRS if (manual_dir / d / name).is_file()]
+    if not found:
+      raise FileNotFoundError(f"{name} not found in {manual_dir} or {manual_dir / _CSV_DIRS[1]}: "
+                              "unzip the FEC release there")
+    csvs[split] = found[0]
+  return csvs
+
+
+def find_inputs(manual_dir, image_dir=None) -> tuple[dict[str, pathlib.Path], pathlib.Path]:
+  """The two CSVs and the image folder, or an error saying what is missing."""
+  csvs = find_csvs(manual_dir)
+  images = pathlib.Path(image_dir) if image_dir else pathlib.Path(manual_dir) / "images"
+  if not images.is_dir():
+    raise FileNotFoundError(f"no image folder {images}: download the images there, each under "
+                            "the basename of its URL (see tools/prepare_fec.py --help)")
+  probe = [images / image_name(u) for s in csvs.values()
+           for _, (_, f) in zip(range(_PROBE_ROWS), _rows(s))
+           if isinstance(t := _parse(f), Triplet) for u in t.urls]
+  if probe and not any(p.is_file() for p in probe):
+    raise FileNotFoundError(f"none of the {len(probe)} images of the first {_PROBE_ROWS} rows "
+                            f"exists in {images} (e.g. {probe[0].name}): files must be named by "
+                            "the basename of their URL, or pass --image_dir")
+  return csvs, images
+
+
+class Fec(tfds.core.GeneratorBasedBuilder):
+  """FEC triplets: three face crops, the odd face, triplet type, six annotations."""
+  VERSION = tfds.core.Version("1.0.0")
+  MANUAL_DOWNLOAD_INSTRUCTIONS = __doc__
+  code_path = epath.Path(__file__)  # tfds cannot locate files of a namespace package
+
+  def __init__(self, *, image_dir: str | None = None, num_workers: int = 0, **kwargs):
+    self._image_dir, self.pool = image_dir, tfds_common.make_pool(num_workers)
+    self._window = 2 * num_workers
+    super().__init__(**kwargs)
+
+  def _info(self) -> tfds.core.DatasetInfo:
+    tensor = lambda shape, dtype, doc: tfds.features.Tensor(shape=shape, dtype=dtype, doc=doc)
+    return tfds.core.DatasetInfo(
+        builder=self, metadata=tfds.core.MetadataDict(),
+        features=tfds.features.FeaturesDict({
+            "images": tensor((3,), np.object_, "JPEG bytes of the three square face crops"),
+            "label": tensor((), np.int32, "0-2: the face most annotators named most different"),
+            "triplet_type": tensor((), np.int32, "0 one-class, 1 two-class, 2 three-class"),
+            "annotations": tensor((6,), np.int32, "each annotator's odd face, 0-2"),
+            "annotators": tensor((6,), np.object_, "annotator ids as in the CSV"),
+            "line": tensor((), np.int32, "line of the row in the CSV"),
+            "urls": tensor((3,), np.object_, "the three image URLs"),
+        }))
+
+  def _split_generators(self, dl_manager):
+    csvs, images = find_inputs(dl_manager.manual_dir, self._image_dir)
+    return {s: self._generate_examples(p, images, s) for s, p in csvs.items()}
+
+  def _generate_examples(self, csv_path, images, split: str):
+    report = tfds_common.SplitReport(csv_path.name, tfds_common.count_lines(csv_path))
+    referenced, missing = set(), set()
+    rows = collections.deque()  # (line, Triplet) of the jobs in flight, in order
+
+    def jobs():
+      for line, fields in _rows(csv_path):
+        t = _parse(fields)
+        if isinstance(t, tfds_common.Skip):
+          report.skip(t.reason, line, t.detail)
+          continue
+        paths = [os.fspath(images / image_name(u)) for u in t.urls]
+        referenced.update(paths)
+        absent = [p for p in paths if not os.path.isfile(p)]
+        if absent:
+          missing.update(absent)
+          report.skip("missing image", line, f"{os.path.basename(absent[0])} (from the URL "
+                      f"{t.urls[paths.index(absent[0])]})")
+          continue
+        rows.append((line, t))
+        yield tuple(tfds_common.Job(p, b, fractional=True, jpeg_only=_is_jpeg_url(u))
+                    for p, b, u in zip(paths, t.boxes, t.urls))
+
+    crop = functools.partial(tfds_common.crop_jobs, config=self.builder_config)
+    progress = tfds_common.Progress(f"fec {csv_path.name}", report.lines)
+    results = tfds_common.parallel_map(crop, jobs(), self.pool, window=self._window)
+    for result in results:
+      line, t = rows.popleft()
+      progress.update(line, report)
+      if isinstance(result, tfds_common.Skip):
+        report.skip(result.reason, line, f"{os.path.basename(result.path)}: {result.detail}")
+        continue
+      report.written[split] += 1
+      yield line, {"images": list(result), "label": t.label, "triplet_type": t.triplet_type,
+                   "annotations": list(t.votes), "annotators": list(t.annotators),
+                   "line": line, "urls": list(t.urls)}
+    progress.update(report.lines, report, force=True)
+    report.extra.update({"distinct images referenced": len(referenced),
+                         "distinct images missing": len(missing)})
+    self.info.metadata[split] = report.as_dict()
+    tfds_common.check_written(report, split)
+
+
+def _is_jpeg_url(url: str) -> bool:
+  return image_name(url).lower().endswith((".jpg", ".jpeg"))
+
+
+def list_urls(manual_dir) -> list[str]:
+  """Every distinct image URL of both CSVs, in order of first use (to download them)."""
+  urls = {}
+  for path in find_csvs(manual_dir).values():
+    for _, fields in _rows(path):
+      if len(fields) == NUM_COLUMNS:
+        urls.update((fields[i].strip(), None) for i in (0, 5, 10))
+  return list(urls)
+
+
+def prepare(manual_dir, data_dir, *, image_size: int = 140, margin: float = 0.1,
+            jpeg_quality: int = 95, image_dir: str | None = None, num_workers: int = 0
+            ) -> tuple[dict, bool]:
+  """Builds DATA_DIR/fec/<config> from MANUAL_DIR; returns (report, newly prepared)."""
+  builder = Fec(config=tfds_common.crop_config(image_size, margin, jpeg_quality),
+                data_dir=data_dir, file_format="array_record", image_dir=image_dir,
+                num_workers=num_workers)
+  return tfds_common.prepare(builder, manual_dir)
+
+
+class Triplets:
+  """Random access to prepared triplets: {"images" uint8 [3, S, S, 3], "label" int32 (0-2, the
+  odd face), "triplet_type" int32 (0-2), "annotations" int32 [6] (each annotator's odd face)}."""
+
+  def __init__(self, records):
+    self._records = records
+
+  def __len__(self) -> int:
+    return len(self._records)
+
+  def __getitem__(self, index: int) -> dict[str, np.ndarray]:
+    r = self._records[index]
+    return {"images": np.stack([tfds_common.decode_jpeg(b) for b in r["images"]]),
+            "label": np.int32(r["label"]), "triplet_type": np.int32(r["triplet_type"]),
+            "annotations": np.asarray(r["annotations"], np.int32)}
+
+
+def source(data_dir, split: str, *, image_size: int = 140, margin: float = 0.1) -> Triplets:
+  """Prepared triplets of split "train" or "test"."""
+  if split not in CSVS:
+    raise ValueError(f"split={split!r}: expected one of {tuple(CSVS)}")
+  config = tfds_common.crop_config(image_size, margin)
+  return Triplets(tfds_common.data_source(Fec, config, split, data_dir, "prepare_fec.py"))

@@ -1,0 +1,248 @@
+"""AffectNet and FEC builders on fixtures in the official formats: prepare, read back through
+tfds data sources and Grain, and check crops, labels, skip counts and the report."""
+import collections
+import json
+import pathlib
+import subprocess
+import sys
+
+import grain
+import numpy as np
+import pytest
+from PIL import Image
+
+import official_fixtures
+from avemo_jax.data import affectnet, fec, tfds_common
+
+SIZE = 48
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def affectnet_data(tmp_path_factory):
+  root = tmp_path_factory.mktemp("affectnet")
+  truth = official_fixtures.write_affectnet(root / "manual")
+  report, fresh = affectnet.prepare(root / "manual", root / "data", image_size=SIZE, margin=0.0)
+  assert fresh
+  return root, truth, report
+
+
+@pytest.fixture(scope="module")
+def fec_data(tmp_path_factory):
+  root = tmp_path_factory.mktemp("fec")
+  truth = official_fixtures.write_fec(root / "manual")
+  report, fresh = fec.prepare(root / "manual", root / "data", image_size=SIZE, margin=0.25,
+                              num_workers=2)  # the process pool path
+  assert fresh
+  return root, truth, report
+
+
+def _resized(face: np.ndarray) -> np.ndarray:
+  return np.asarray(Image.fromarray(face).resize((SIZE, SIZE), Image.Resampling.BICUBIC))
+
+
+def _mad(a: np.ndarray, b: np.ndarray) -> float:
+  return float(np.abs(a.astype(np.float32) - b).mean())
+
+
+def test_crop_square_margin_and_edge_padding():
+  img = np.random.default_rng(0).integers(0, 256, (20, 30, 3), dtype=np.uint8)
+  crop = tfds_common._crop
+  np.testing.assert_array_equal(crop(img, (5, 4, 15, 14), margin=0.0, size=10), img[4:14, 5:15])
+  # A 10x6 box: the square on its longer side, same centre.
+  np.testing.assert_array_equal(crop(img, (5, 4, 15, 10), margin=0.0, size=10), img[2:12, 5:15])
+  # Side 8 * (1 + 2 * 0.25) = 12 from (-2, -2): two rows and columns of edge padding.
+  padded = np.pad(img[:10, :10], ((2, 0), (2, 0), (0, 0)), mode="edge")
+  np.testing.assert_array_equal(crop(img, (0, 0, 8, 8), margin=0.25, size=12), padded)
+  assert crop(img, (0, 0, 8, 8), margin=0.25, size=6).shape == (6, 6, 3)
+  with pytest.raises(ValueError, match="outside"):
+    crop(img, (40, 30, 50, 40), margin=0.0, size=8)
+
+
+def test_large_jpegs_decode_at_reduced_scale(tmp_path):
+  rng = np.random.default_rng(1)
+  photo = np.asarray(Image.fromarray(rng.integers(0, 256, (25, 25, 3), dtype=np.uint8)).resize(
+      (800, 600), Image.Resampling.BICUBIC))
+  Image.fromarray(photo).save(tmp_path / "big.jpg", quality=95)
+  box = (300, 100, 700, 500)  # 400 px: decoded at 1/4, so the face keeps 100 >= 2 * 48 px
+  image, scaled = tfds_common._load(tfds_common.Job(str(tmp_path / "big.jpg"), box), SIZE, 0.0)
+  assert image.shape == (150, 200, 3) and scaled == (75, 25, 175, 125)
+  full = tfds_common._crop(photo, box, margin=0.0, size=SIZE)
+  assert _mad(tfds_common._crop(image, scaled, margin=0.0, size=SIZE), full) < 2
+
+
+def test_affectnet_report_counts_every_skip(affectnet_data):
+  _, truth, report = affectnet_data
+  for split, name in (("train", "training.csv"), ("validation", "validation.csv")):
+    rows, r = truth[name], report[split]
+    expected = collections.Counter(row.expect for row in rows if row.expect != "written")
+    assert r["skipped"] == dict(expected)
+    written = [row for row in rows if row.expect == "written"]
+    assert r["written"] == {f"{split}_7class": sum(row.label != 7 for row in written),
+                            f"{split}_contempt": sum(row.label == 7 for row in written)}
+    for row in rows:
+      if row.expect != "written":  # every skip is quoted with its file and line
+        assert any(e.startswith(f"{name} line {row.line}:") for e in r["examples"][row.expect])
+  assert report["train"]["notes"] == {"kept without valence/arousal (-2 or out of range)": 2}
+  text = tfds_common.format_report(report)
+  assert "expression 10 (No-Face)" in text and "training.csv line 22:" in text
+
+
+@pytest.mark.parametrize("num_classes", [8, 7])
+def test_affectnet_read_back_through_grain(affectnet_data, num_classes):
+  root, truth, _ = affectnet_data
+  for split, name in (("train", "training.csv"), ("test", "validation.csv")):
+    rows = {row.line: row for row in truth[name] if row.expect == "written"
+            and (num_classes == 8 or row.label != 7)}
+    source = affectnet.source(root / "data", split, num_classes=num_classes, image_size=SIZE,
+                              margin=0.0)
+    part = "train" if split == "train" else "validation"
+    raw = tfds_common.data_source(
+        affectnet.Affectnet, tfds_common.crop_config(SIZE, 0.0), f"{part}_7class" +
+        (f"+{part}_contempt" if num_classes == 8 else ""), root / "data", "")
+    assert len(source) == len(raw) == len(rows)
+    ds = grain.MapDataset.source(source)
+    seen, wrong = set(), []
+    for i in range(len(ds)):
+      ex, row = ds[i], rows[int(raw[i]["line"])]
+      seen.add(row.line)
+      assert ex["image"].shape == (SIZE, SIZE, 3) and ex["image"].dtype == np.uint8
+      assert ex["label"] == row.label and ex["label"].dtype == np.int32
+      valid = -1 <= row.valence <= 1 and -1 <= row.arousal <= 1
+      assert ex["va_valid"] == valid
+      np.testing.assert_allclose([ex["valence"], ex["arousal"]],
+                                 [row.valence, row.arousal] if valid else [0, 0], atol=1e-6)
+      assert _mad(ex["image"], _resized(row.faces[0].pixels)) < 6  # the pasted face
+      other = rows[next(k for k in rows if k != row.line)]
+      wrong.append(_mad(ex["image"], _resized(other.faces[0].pixels)))
+    assert seen == set(rows) and min(wrong) > 12
+    batch = next(iter(ds.batch(4)))
+    assert batch["image"].shape == (4, SIZE, SIZE, 3) and batch["va_valid"].dtype == bool
+    assert max(int(source[i]["label"]) for i in range(len(source))) == num_classes - 1
+
+
+def test_affectnet_errors_name_the_file_and_the_fix(affectnet_data, tmp_path):
+  root, _, _ = affectnet_data
+  for builder in (affectnet.Affectnet, fec.Fec):  # the default variant, and any other
+    for size, margin in ((140, 0.1), (64, 0.0)):
+      assert not builder(config=tfds_common.crop_config(size, margin), data_dir=tmp_path,
+                         file_format="array_record").is_prepared()
+  with pytest.raises(FileNotFoundError, match="prepare_affectnet.py .*--image_size=64"):
+    affectnet.source(root / "data", "train", image_size=64)
+  lists = root / "manual" / "Manually_Annotated_file_lists"
+  manual = tmp_path / "manual"
+  (manual / "Manually_Annotated_Images").mkdir(parents=True)
+  with pytest.raises(FileNotFoundError, match="training.csv not found"):
+    affectnet.find_inputs(manual)
+  for name in ("training.csv", "validation.csv"):
+    (manual / name).write_text((lists / name).read_text())
+  with pytest.raises(FileNotFoundError, match="none of the first .* --image_root"):
+    affectnet.find_inputs(manual)
+  with pytest.raises(FileNotFoundError, match="no image folder.*--image_root"):
+    affectnet.find_inputs(manual, image_root=tmp_path / "nowhere")
+  body = (lists / "validation.csv").read_text().split("\n", 1)[1]
+  (manual / "validation.csv").write_text(body)  # without its header line: read from line 1
+  lines = list(affectnet._rows(manual / "validation.csv"))
+  assert lines[0][0] == 1 and len(lines) == len(body.splitlines())
+  (manual / "training.csv").write_text("path,x,y\nsome/file.jpg,1,2\n")
+  with pytest.raises(ValueError, match=r"training.csv line 1: not an AffectNet"):
+    affectnet.find_inputs(manual)
+
+
+def test_affectnet_empty_split_says_why(affectnet_data, tmp_path):
+  root, truth, _ = affectnet_data
+  manual = tmp_path / "manual"
+  images = root / "manual" / "Manually_Annotated" / "Manually_Annotated_Images"
+  manual.mkdir()
+  (manual / "Manually_Annotated_Images").symlink_to(images)
+  (manual / "training.csv").write_text((root / "manual" / "Manually_Annotated_file_lists" /
+                                        "training.csv").read_text())
+  header, *lines = (root / "manual" / "Manually_Annotated_file_lists" /
+                    "validation.csv").read_text().splitlines()
+  lines = [",".join(["0/gone.jpg"] + line.split(",")[1:]) for line in lines]
+  (manual / "validation.csv").write_text("\n".join([header] + lines) + "\n")
+  with pytest.raises(ValueError, match="no examples for split validation_7class.*missing image"):
+    affectnet.prepare(manual, tmp_path / "data", image_size=16, margin=0.0)
+
+
+def test_fec_report_counts_skips_and_missing_images(fec_data):
+  _, truth, report = fec_data
+  for split, rows in truth.items():
+    r = report[split]
+    expected = collections.Counter(row.expect for row in rows if row.expect != "written")
+    assert r["skipped"] == dict(expected)
+    assert r["written"] == {split: sum(row.expect == "written" for row in rows)}
+    parsed = [row for row in rows if row.expect not in ("malformed line", "bad box",
+                                                        "no majority")]
+    files = {face.path for row in parsed for face in row.faces}
+    assert r["distinct images referenced"] == len(files)
+    assert r["distinct images missing"] == sum(not p.exists() for p in files) == 1
+    for row in rows:
+      if row.expect != "written":
+        assert any(f"-{split}-public.csv line {row.line}:" in e for e in r["examples"][row.expect])
+  assert "placeholder" in " ".join(report["train"]["examples"]["unreadable image"])
+
+
+def test_fec_read_back_through_grain(fec_data):
+  root, truth, _ = fec_data
+  for split in ("train", "test"):
+    rows = {row.line: row for row in truth[split] if row.expect == "written"}
+    source = fec.source(root / "data", split, image_size=SIZE, margin=0.25)
+    raw = tfds_common.data_source(fec.Fec, tfds_common.crop_config(SIZE, 0.25), split,
+                                  root / "data", "")
+    assert len(source) == len(rows)
+    ds = grain.MapDataset.source(source).map(lambda ex: ex)
+    for i in range(len(ds)):
+      ex, row = ds[i], rows[int(raw[i]["line"])]
+      assert ex["images"].shape == (3, SIZE, SIZE, 3) and ex["images"].dtype == np.uint8
+      assert (ex["label"], ex["triplet_type"]) == (row.label, row.triplet_type)
+      np.testing.assert_array_equal(ex["annotations"], row.votes)
+      assert ex["label"] == np.bincount(ex["annotations"], minlength=3).argmax()
+      for crop, face in zip(ex["images"], row.faces):  # one face touches the photo's border
+        photo = np.asarray(Image.open(face.path).convert("RGB"))
+        expected = tfds_common._crop(photo, face.box, margin=0.25, size=SIZE)
+        assert _mad(crop, expected) < 4
+        # Independently of _crop: the face fills the middle 32 px (48 / 1.5) of the crop.
+        assert _mad(crop[8:40, 8:40], np.asarray(Image.fromarray(face.pixels).resize(
+            (32, 32), Image.Resampling.BICUBIC))) < 12
+      annotators = raw[i]["annotators"]
+      assert len(annotators) == 6 and all(a.decode().isdigit() for a in annotators)
+
+
+def test_fec_image_folder_convention_errors(fec_data, tmp_path):
+  root, _, _ = fec_data
+  manual = tmp_path / "manual"
+  (manual / "FEC_dataset").mkdir(parents=True)
+  for split in ("train", "test"):
+    name = f"faceexp-comparison-data-{split}-public.csv"
+    (manual / name).write_text((root / "manual" / "FEC_dataset" / name).read_text())
+  with pytest.raises(FileNotFoundError, match="no image folder .*basename of its URL"):
+    fec.find_inputs(manual)
+  (manual / "images").mkdir()
+  (manual / "images" / "renamed.jpg").write_bytes(b"")
+  with pytest.raises(FileNotFoundError, match="none of the .* basename of their URL"):
+    fec.find_inputs(manual)
+  urls = fec.list_urls(manual)
+  assert len(urls) == len(set(urls)) == 10 and all(u.startswith("http://farm") for u in urls)
+
+
+def _tool(*args: str) -> str:
+  done = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True,
+                        timeout=120)
+  assert done.returncode == 0, done.stderr[-3000:]
+  return done.stdout
+
+
+def test_prepare_tools_print_the_report(affectnet_data, fec_data, tmp_path):
+  root, _, _ = affectnet_data
+  out = _tool("tools/prepare_affectnet.py", f"--manual_dir={root / 'manual'}",
+              f"--data_dir={tmp_path}", "--image_size=24", "--num_workers=0")
+  assert "\nPrepared:\n" in out and "training.csv line 23:" in out
+  assert "written 17" in out and "unreadable image" in out
+  meta = json.loads((tmp_path / "affectnet" / "24px_margin0.1" / "1.0.0" /
+                     "metadata.json").read_text())
+  assert meta["train"]["skipped"]["missing image"] == 1
+  fec_root, _, _ = fec_data
+  urls = tmp_path / "urls.txt"
+  out = _tool("tools/prepare_fec.py", f"--manual_dir={fec_root / 'manual'}", f"--list_urls={urls}")
+  assert "10 distinct image URLs" in out and len(urls.read_text().split()) == 10
