@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 import official_fixtures
-from avemo_jax.data import affectnet, fec, tfds_common
+from avemo_jax.data import affectnet, faces, fec, tfds_common
 
 SIZE = 48
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -45,18 +45,10 @@ def _mad(a: np.ndarray, b: np.ndarray) -> float:
   return float(np.abs(a.astype(np.float32) - b).mean())
 
 
-def test_crop_square_margin_and_edge_padding():
-  img = np.random.default_rng(0).integers(0, 256, (20, 30, 3), dtype=np.uint8)
-  crop = tfds_common._crop
-  np.testing.assert_array_equal(crop(img, (5, 4, 15, 14), margin=0.0, size=10), img[4:14, 5:15])
-  # A 10x6 box: the square on its longer side, same centre.
-  np.testing.assert_array_equal(crop(img, (5, 4, 15, 10), margin=0.0, size=10), img[2:12, 5:15])
-  # Side 8 * (1 + 2 * 0.25) = 12 from (-2, -2): two rows and columns of edge padding.
-  padded = np.pad(img[:10, :10], ((2, 0), (2, 0), (0, 0)), mode="edge")
-  np.testing.assert_array_equal(crop(img, (0, 0, 8, 8), margin=0.25, size=12), padded)
-  assert crop(img, (0, 0, 8, 8), margin=0.25, size=6).shape == (6, 6, 3)
-  with pytest.raises(ValueError, match="outside"):
-    crop(img, (40, 30, 50, 40), margin=0.0, size=8)
+def _crop(image: np.ndarray, box, *, margin: float, size: int) -> np.ndarray:
+  """faces.crop of a corner box (x0, y0, x1, y1), as the builders call it."""
+  x0, y0, x1, y1 = box
+  return faces.crop(image, (x0, y0, x1 - x0, y1 - y0), margin=margin, size=size)
 
 
 def test_large_jpegs_decode_at_reduced_scale(tmp_path):
@@ -67,8 +59,8 @@ def test_large_jpegs_decode_at_reduced_scale(tmp_path):
   box = (300, 100, 700, 500)  # 400 px: decoded at 1/4, so the face keeps 100 >= 2 * 48 px
   image, scaled = tfds_common._load(tfds_common.Job(str(tmp_path / "big.jpg"), box), SIZE, 0.0)
   assert image.shape == (150, 200, 3) and scaled == (75, 25, 175, 125)
-  full = tfds_common._crop(photo, box, margin=0.0, size=SIZE)
-  assert _mad(tfds_common._crop(image, scaled, margin=0.0, size=SIZE), full) < 2
+  full = _crop(photo, box, margin=0.0, size=SIZE)
+  assert _mad(_crop(image, scaled, margin=0.0, size=SIZE), full) < 2
 
 
 def test_affectnet_report_counts_every_skip(affectnet_data):
@@ -200,9 +192,9 @@ def test_fec_read_back_through_grain(fec_data):
       assert ex["label"] == np.bincount(ex["annotations"], minlength=3).argmax()
       for crop, face in zip(ex["images"], row.faces):  # one face touches the photo's border
         photo = np.asarray(Image.open(face.path).convert("RGB"))
-        expected = tfds_common._crop(photo, face.box, margin=0.25, size=SIZE)
+        expected = _crop(photo, face.box, margin=0.25, size=SIZE)
         assert _mad(crop, expected) < 4
-        # Independently of _crop: the face fills the middle 32 px (48 / 1.5) of the crop.
+        # Independently of the crop function: the face fills the middle 32 px (48 / 1.5) of the crop.
         assert _mad(crop[8:40, 8:40], np.asarray(Image.fromarray(face.pixels).resize(
             (32, 32), Image.Resampling.BICUBIC))) < 12
       annotators = raw[i]["annotators"]

@@ -220,9 +220,14 @@ def test_crop_geometry():
   np.testing.assert_array_equal(out[:5, 5:], np.broadcast_to(image[0, 0:25], (5, 25, 3)))
   np.testing.assert_array_equal(out[5:, :5], np.broadcast_to(image[0:25, :1], (25, 5, 3)))
   assert (out[:5, :5] == image[0, 0]).all()
-  small = faces.crop(image, (30, 20, 40, 30), margin=0.25, size=30)  # 60 -> 30: 2x2 means
-  expected = image[5:65, 20:80].astype(float).reshape(30, 2, 30, 2, 3).mean(axis=(1, 3))
+  # Halving a smooth image: close to 2x2 means. Half-pixel box: the square moves by 0.5 px.
+  yy, xx = np.mgrid[:100, :120]
+  smooth = np.stack([xx, yy, xx + yy], axis=-1).astype(np.uint8)
+  small = faces.crop(smooth, (30, 20, 40, 30), margin=0.25, size=30)
+  expected = smooth[5:65, 20:80].astype(float).reshape(30, 2, 30, 2, 3).mean(axis=(1, 3))
   assert small.shape == (30, 30, 3) and np.abs(small - expected).max() <= 1
+  shifted = faces.crop(smooth, (30.5, 20, 40, 30), margin=0.25, size=60).astype(float)
+  np.testing.assert_allclose(shifted[:, 1:-1, 0], smooth[5:65, 21:79, 0] + 0.5, atol=1)
   with pytest.raises(ValueError, match="outside"):
     faces.crop(image, (500, 500, 10, 10), margin=0.1, size=8)
 

@@ -1,4 +1,4 @@
-"""Shared parts of the AffectNet and FEC tfds builders: face crops, JPEG coding, a bounded
+"""Shared parts of the tfds builders: JPEG coding (crops: `faces.crop`), a bounded
 process pool, the skip report and the lookup of prepared data.
 
 Prepared crops are stored as JPEG bytes (quality 95 by default) and decoded when read. Measured
@@ -24,6 +24,8 @@ import tensorflow_datasets as tfds
 from absl import logging
 from etils import epath
 from PIL import Image
+
+from avemo_jax.data import faces
 
 MAX_EXAMPLES = 5  # CSV lines quoted per skip reason in a report
 
@@ -60,26 +62,6 @@ class Skip(NamedTuple):
   reason: str
   detail: str
   path: str
-
-
-def _crop(image_HxWx3: np.ndarray, box: tuple[float, float, float, float], *, margin: float,
-          size: int) -> np.ndarray:
-  """uint8 [size, size, 3]: the square around the box (x0, y0, x1, y1) with side
-  max(w, h) * (1 + 2 * margin), edge-padded where it leaves the image, resized (antialiased)."""
-  x0, y0, x1, y1 = box
-  side = max(x1 - x0, y1 - y0) * (1 + 2 * margin)
-  left, top = (x0 + x1 - side) / 2, (y0 + y1 - side) / 2
-  h, w = image_HxWx3.shape[:2]
-  wx0, wy0 = math.floor(left), math.floor(top)  # integer window covering the square
-  wx1, wy1 = math.ceil(left + side), math.ceil(top + side)
-  cx0, cy0, cx1, cy1 = max(wx0, 0), max(wy0, 0), min(wx1, w), min(wy1, h)
-  if side <= 0 or cx0 >= cx1 or cy0 >= cy1:
-    raise ValueError(f"box {box} lies outside the {w}x{h} image")
-  window = np.pad(image_HxWx3[cy0:cy1, cx0:cx1],
-                  ((cy0 - wy0, wy1 - cy1), (cx0 - wx0, wx1 - cx1), (0, 0)), mode="edge")
-  square = (left - wx0, top - wy0, left - wx0 + side, top - wy0 + side)
-  out = Image.fromarray(window).resize((size, size), Image.Resampling.BICUBIC, box=square)
-  return np.asarray(out)
 
 
 def encode_jpeg(image_HxWx3: np.ndarray, quality: int) -> bytes:
@@ -129,7 +111,8 @@ def crop_jobs(jobs: tuple[Job, ...], config: CropConfig) -> tuple[bytes, ...] | 
     except OSError as e:
       return Skip("unreadable image", str(e), job.path)
     try:
-      face = _crop(image, box, margin=config.margin, size=config.size)
+      x0, y0, x1, y1 = box
+      face = faces.crop(image, (x0, y0, x1 - x0, y1 - y0), margin=config.margin, size=config.size)
     except ValueError as e:
       return Skip("bad box", str(e), job.path)
     out.append(encode_jpeg(face, config.jpeg_quality))
