@@ -8,7 +8,14 @@ import ml_collections
 
 def data_config(tiny: bool) -> ml_collections.ConfigDict:
   d = ml_collections.ConfigDict()
-  d.source = "synthetic"  # only "synthetic" (embedded, generated) for now
+  # "synthetic" (embedded, generated) or "tfds": AffectNet, FEC, unlabelled faces and RECOLA
+  # prepared by tools/prepare_*.py (README) under data_dir; the synthetic-only keys are then unused.
+  d.source = "synthetic"
+  d.data_dir = ""  # tfds: the --data_dir the prepare tools wrote to
+  d.affectnet_classes = 8  # tfds: 8 (codes 0-7) or 7 (Contempt left out; set model.num_classes=7)
+  d.unlabelled = "folder"  # tfds: "folder" (prepare_unlabelled.py) or "affectnet" (its train faces)
+  d.crop_margin = 0.1  # tfds: the --margin the faces were prepared with (and image_size: --image_size)
+  d.clip_stride = 5  # tfds, audio stage: every k-th RECOLA label frame is a training clip (dev: 5k)
   d.image_size = 80 if tiny else 140  # face crop side in pixels (the paper uses 140)
   d.num_train_faces = 512 if tiny else 20_000  # labelled AffectNet-style training faces
   d.num_train_triplets = 256 if tiny else 10_000  # FEC-style training triplets

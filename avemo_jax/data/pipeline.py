@@ -20,7 +20,8 @@ import ml_collections
 import numpy as np
 
 from avemo_jax import parallel
-from avemo_jax.data import audio_features, synthetic
+from avemo_jax.data import (affectnet, audio_features, fec, recola, sequences, synthetic,
+                            unlabelled)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,10 +34,30 @@ class Sources:
   test_triplets: object
 
 
+def _check_source(data: ml_collections.ConfigDict) -> None:
+  if data.source not in ("synthetic", "tfds"):
+    raise ValueError(f"config.data.source={data.source!r}: choose 'synthetic' or 'tfds'")
+  if data.source == "tfds" and not data.data_dir:
+    raise ValueError("config.data.source='tfds' needs --config.data.data_dir=DIR, the --data_dir "
+                     "given to tools/prepare_*.py")
+
+
 def make_sources(data: ml_collections.ConfigDict, seed: int) -> Sources:
-  if data.source != "synthetic":
-    raise ValueError(f"config.data.source={data.source!r}: only 'synthetic' is available")
+  """Face sources: the embedded synthetic ones, or AffectNet + FEC (+ unlabelled faces) prepared
+  under data.data_dir (AffectNet's validation set and FEC's test set are the test sources)."""
+  _check_source(data)
   size = data.image_size
+  if data.source == "tfds":
+    crop = dict(image_size=size, margin=data.crop_margin)
+    faces = lambda split: affectnet.source(data.data_dir, split,
+                                           num_classes=data.affectnet_classes, **crop)
+    if data.unlabelled not in ("folder", "affectnet"):
+      raise ValueError(f"config.data.unlabelled={data.unlabelled!r}: 'folder' or 'affectnet'")
+    return Sources(
+        train_faces=faces("train"), train_triplets=fec.source(data.data_dir, "train", **crop),
+        unlabelled=(unlabelled.source(data.data_dir, **crop) if data.unlabelled == "folder"
+                    else faces("train")),
+        test_faces=faces("test"), test_triplets=fec.source(data.data_dir, "test", **crop))
   return Sources(
       train_faces=synthetic.SyntheticFaces(
           data.num_train_faces, seed=seed, split="train", size=size, label_noise=data.label_noise),
@@ -139,6 +160,33 @@ def chunk_iterator(features: dict[str, np.ndarray], *, seed: int, batch: int, fr
 
   ds = grain.MapDataset.range(len(features["lengths"])).seed(seed).shuffle().repeat(None)
   return _iterator(_batched(ds.random_map(window), batch, "fusion.train.batch"), data)
+
+
+def recordings(config: ml_collections.ConfigDict, split: str):
+  """Audio-visual recordings of split "train" or "dev": synthetic, or prepared RECOLA."""
+  data, seq = config.data, config.sequences
+  _check_source(data)
+  if data.source == "tfds":
+    return recola.source(data.data_dir, split, image_size=data.image_size, margin=data.crop_margin)
+  num, seconds = (seq.num_train, seq.train_seconds) if split == "train" else (seq.num_dev,
+                                                                               seq.dev_seconds)
+  return sequences.SyntheticRecordings(num, seed=config.seed, split=split, seconds=seconds,
+                                       size=data.image_size)
+
+
+def clips(config: ml_collections.ConfigDict, split: str):
+  """Audio-stage clips {"audio", "labels"} of split "train" or "dev": synthetic voice clips, or
+  0.96 s windows of prepared RECOLA recordings around every data.clip_stride-th label frame
+  (every 5x that on dev)."""
+  data, seq = config.data, config.sequences
+  _check_source(data)
+  if data.source == "tfds":
+    stride = data.clip_stride * (1 if split == "train" else 5)
+    return recola.clips(data.data_dir, split, stride=stride, image_size=data.image_size,
+                        margin=data.crop_margin)
+  if split == "train":
+    return sequences.SyntheticClips(seq.num_train_clips, seed=config.seed)
+  return sequences.SyntheticClips(seq.num_dev_clips, seed=config.seed + 1)
 
 
 def eval_batches(source, batch: int, keys: tuple[str, ...]) -> Iterator[dict[str, np.ndarray]]:

@@ -56,12 +56,12 @@ def _load(config, key: str, model, stage_cfg, inputs) -> dict[str, Any]:
 
 
 def _audio_stage(config, workdir: pathlib.Path, summary, par, write_summary) -> dict[str, Any]:
-  cfg, seq = config.audio.train, config.sequences
+  cfg = config.audio.train
   model = build.audio_model(config.audio, dtype=config.dtype)
-  dev = sequences.SyntheticClips(seq.num_dev_clips, seed=config.seed + 1)
+  dev = pipeline.clips(config, "dev")
   dev_mel = np.stack([audio_features.waveform_to_examples(c["audio"], sequences.SAMPLE_RATE)[0]
-                      for c in dev])
-  dev_labels = np.stack([c["labels"] for c in dev])
+                      for c in (dev[i] for i in range(len(dev)))])
+  dev_labels = np.stack([dev[i]["labels"] for i in range(len(dev))])
   predict = jax.jit(lambda v, x: model.apply(v, x)[0])
 
   def evaluate(state) -> dict[str, Any]:
@@ -72,9 +72,8 @@ def _audio_stage(config, workdir: pathlib.Path, summary, par, write_summary) -> 
   stage = loop.Stage(
       name="audio", config=cfg, step=functools.partial(steps.audio_step, weights=dict(cfg.loss)),
       step_args=(),
-      batches=pipeline.clip_iterator(
-          sequences.SyntheticClips(seq.num_train_clips, seed=config.seed), seed=config.seed,
-          batch=cfg.batch, data=config.data),
+      batches=pipeline.clip_iterator(pipeline.clips(config, "train"), seed=config.seed,
+                                     batch=cfg.batch, data=config.data),
       evaluate=evaluate)
   start = time.perf_counter()
   state = state_lib.create(model, cfg, jax.random.key(config.seed + 2), build.audio_inputs())
@@ -93,15 +92,17 @@ def _features(config, workdir: pathlib.Path, student_variables, audio_variables
   audio = build.audio_model(config.audio, dtype=config.dtype)
   face_fn = jax.jit(lambda x: face.apply(student_variables, x, train=False)[1]["feature"])
   audio_fn = jax.jit(lambda x: audio.apply(audio_variables, x)[1]["embedding"])
-  key = {"seed": config.seed, "generator": sequences.VERSION, "sequences": seq.to_dict(),
-         "image_size": size, "dtype": config.dtype,
+  if config.data.source == "tfds":
+    data = {"data_dir": str(pathlib.Path(config.data.data_dir).resolve()),
+            "crop_margin": config.data.crop_margin}
+  else:
+    data = {"seed": config.seed, "generator": sequences.VERSION, "sequences": seq.to_dict()}
+  key = {**data, "image_size": size, "dtype": config.dtype,
          "student": features.fingerprint(student_variables),
          "audio": features.fingerprint(audio_variables)}
   out = {}
-  for split, num, seconds in (("train", seq.num_train, seq.train_seconds),
-                              ("dev", seq.num_dev, seq.dev_seconds)):
-    recordings = sequences.SyntheticRecordings(num, seed=config.seed, split=split,
-                                               seconds=seconds, size=size)
+  for split in ("train", "dev"):
+    recordings = pipeline.recordings(config, split)
     out[split] = features.cached(
         workdir / "fusion" / f"features_{split}.npz", {**key, "split": split},
         lambda r=recordings: features.extract(r, face_fn=face_fn, audio_fn=audio_fn,
@@ -162,19 +163,20 @@ def _fusion_stage(config, workdir: pathlib.Path, summary, par, write_summary, st
 
 
 def _dev_gaps(config) -> list[dict[str, np.ndarray]]:
-  """Per dev recording, bool [T] masks of the frames where the voice is silent / face hidden."""
-  seq = config.sequences
-  recordings = sequences.SyntheticRecordings(seq.num_dev, seed=config.seed, split="dev",
-                                             seconds=seq.dev_seconds, size=config.data.image_size)
+  """Per dev recording, bool [T] masks of the frames where a modality is missing: synthetic, the
+  voice silent / the face hidden; RECOLA, the frames without their own face detection."""
+  recordings = pipeline.recordings(config, "dev")
+  if config.data.source == "tfds":
+    return [{"face not detected": ~recordings[r].detected} for r in range(len(recordings))]
   return [{"voice silent": ~rec.speaking, "face hidden": ~rec.visible} for rec in
           (recordings[r] for r in range(len(recordings)))]
 
 
 def _by_condition(gaps, labels, predictions, lengths) -> dict[str, dict[str, Any]]:
   """Dev CCC (recordings concatenated) of each model on the frames where both modalities are
-  present, where the voice is silent and where the face is hidden: where fusion earns its keep."""
-  select = {"both present": lambda g: ~(g["voice silent"] | g["face hidden"]),
-            "voice silent": lambda g: g["voice silent"], "face hidden": lambda g: g["face hidden"]}
+  present and on those where each gap applies: where fusion earns its keep."""
+  select = {"both present": lambda g: ~np.logical_or.reduce(list(g.values())),
+            **{name: lambda g, name=name: g[name] for name in gaps[0]}}
   out = {}
   for condition, mask_of in select.items():
     masks = [mask_of(g)[:n] for g, n in zip(gaps, lengths)]

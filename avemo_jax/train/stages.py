@@ -70,7 +70,10 @@ def _visual_stages(config: ml_collections.ConfigDict, workdir: pathlib.Path,
   """Teacher, then student; returns the student's variables (single-device) when the student
   stage ran."""
   size = config.data.image_size
-  if parallel.is_main_process():
+  if config.data.source == "tfds" and config.data.affectnet_classes != config.model.num_classes:
+    raise ValueError(f"config.data.affectnet_classes={config.data.affectnet_classes} but "
+                     f"config.model.num_classes={config.model.num_classes}: set them equal")
+  if parallel.is_main_process() and config.data.source == "synthetic":
     synthetic.save_sample_grid(workdir / "sample_faces.png", seed=config.seed, size=size)
   sources = pipeline.make_sources(config.data, config.seed)
   model = build.face_model(config.model, dtype=config.dtype, axis_name=par.axis_name)
