@@ -25,6 +25,8 @@ import sys
 
 from absl import app, flags
 
+import detector_flags  # tools/, next to this file
+
 from avemo_jax.data import recola
 
 __doc__ += "\n" + recola.__doc__  # --help shows where the files go
@@ -41,23 +43,11 @@ _DETECT_EVERY = flags.DEFINE_integer("detect_every", 1, "Run the face detector o
                                      "frame only, carrying the box in between (speed).")
 _SMOOTH = flags.DEFINE_float("smooth", 0.0, "0 follows each detection; a in (0, 1) keeps "
                              "a * previous box + (1 - a) * detection (steadier crops).")
-_CASCADE = flags.DEFINE_string("cascade", "haarcascade_frontalface_alt2.xml",
-                               "OpenCV cascade: a file in cv2.data.haarcascades, or a path.")
-_MIN_FACE = flags.DEFINE_float("min_face", 0.1, "Smallest face side searched, as a fraction of "
-                               "the frame's shorter side (larger is faster).")
-_MAX_SIDE = flags.DEFINE_integer("max_side", 480, "Frames are shrunk to this longer side for "
-                                 "detection (smaller is faster).")
-_SCALE_FACTOR = flags.DEFINE_float("scale_factor", 1.1, "Detector scale step.")
-_MIN_NEIGHBORS = flags.DEFINE_integer("min_neighbors", 4, "Detector: raw hits a face needs.")
-_ROLLS = flags.DEFINE_list("rolls", ["15", "-15"], "Head tilts (degrees) also searched in frames "
-                           "without an upright face (empty: none; each costs a pass).")
 
 
 def main(argv):
   del argv
-  detector = dict(cascade=_CASCADE.value, min_face=_MIN_FACE.value, max_side=_MAX_SIDE.value,
-                  scale_factor=_SCALE_FACTOR.value, min_neighbors=_MIN_NEIGHBORS.value,
-                  rolls=tuple(float(r) for r in _ROLLS.value))
+  detector = detector_flags.options()
   report, fresh = recola.prepare(
       _MANUAL_DIR.value, _DATA_DIR.value, image_size=_IMAGE_SIZE.value, margin=_MARGIN.value,
       jpeg_quality=_QUALITY.value, num_workers=_WORKERS.value, detect_every=_DETECT_EVERY.value,

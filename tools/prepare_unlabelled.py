@@ -13,6 +13,8 @@ import sys
 
 from absl import app, flags
 
+import detector_flags  # tools/, next to this file
+
 from avemo_jax.data import unlabelled
 
 __doc__ += "\n" + unlabelled.__doc__
@@ -25,23 +27,11 @@ _MARGIN = flags.DEFINE_float("margin", 0.1, "Crop side = box side * (1 + 2 * mar
 _QUALITY = flags.DEFINE_integer("jpeg_quality", 95, "JPEG quality of the stored crops.")
 _WORKERS = flags.DEFINE_integer("num_workers", os.cpu_count() or 1,
                                 "Processes decoding images and detecting faces (0: none).")
-_CASCADE = flags.DEFINE_string("cascade", "haarcascade_frontalface_alt2.xml",
-                               "OpenCV cascade: a file in cv2.data.haarcascades, or a path.")
-_MIN_FACE = flags.DEFINE_float("min_face", 0.1, "Smallest face side searched, as a fraction of "
-                               "the image's shorter side (larger is faster).")
-_MAX_SIDE = flags.DEFINE_integer("max_side", 480, "Images are shrunk to this longer side for "
-                                 "detection (smaller is faster); crops come from the full image.")
-_SCALE_FACTOR = flags.DEFINE_float("scale_factor", 1.1, "Detector scale step.")
-_MIN_NEIGHBORS = flags.DEFINE_integer("min_neighbors", 4, "Detector: raw hits a face needs.")
-_ROLLS = flags.DEFINE_list("rolls", ["15", "-15"], "Head tilts (degrees) also searched in images "
-                           "without an upright face (empty: none; each costs a pass).")
 
 
 def main(argv):
   del argv
-  detector = dict(cascade=_CASCADE.value, min_face=_MIN_FACE.value, max_side=_MAX_SIDE.value,
-                  scale_factor=_SCALE_FACTOR.value, min_neighbors=_MIN_NEIGHBORS.value,
-                  rolls=tuple(float(r) for r in _ROLLS.value))
+  detector = detector_flags.options()
   report, fresh = unlabelled.prepare(
       _MANUAL_DIR.value, _DATA_DIR.value, image_size=_IMAGE_SIZE.value, margin=_MARGIN.value,
       jpeg_quality=_QUALITY.value, num_workers=_WORKERS.value, detector_options=detector)
