@@ -58,6 +58,9 @@ def schedule_config(tiny: bool, *, steps: int, lr: float) -> ml_collections.Conf
   s.log_every = 5 if tiny else 20  # steps between metric lines
   s.eval_every = 10 if tiny else 0  # steps between evaluations (0: only at the end)
   s.checkpoint_every = 10 if tiny else 100  # steps between checkpoints
+  # A step whose loss, gradient norm or new parameters are not finite changes nothing; then
+  # "stop" the run (naming the step, the terms and the last good checkpoint) or "skip" it (counted).
+  s.on_nonfinite = "stop"
   return s
 
 

@@ -1,7 +1,16 @@
-"""The one training loop, shared by every stage: step, log, evaluate, checkpoint, resume."""
+"""The one training loop, shared by every stage: step, log, evaluate, checkpoint, resume.
+
+Preemption: SIGTERM (one process) or JAX's preemption notice (several processes, through Orbax)
+saves a checkpoint at the next step boundary and exits with status 143; the same command resumes.
+Non-finite steps change nothing (steps.py); the stage's `on_nonfinite` stops the run at the next
+host sync naming the step, the terms and the last good checkpoint, or counts and skips them.
+"""
+import contextlib
 import dataclasses
 import logging
 import pathlib
+import signal
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -35,8 +44,55 @@ class Stage:
   evaluate: Callable[[state_lib.TrainState], dict[str, Any]]
 
 
+class Preempted(SystemExit):
+  """Raised after the preemption checkpoint is written: exit status 143 (128 + SIGTERM)."""
+
+  def __init__(self, stage: str, step: int):
+    super().__init__(143)
+    self.stage, self.step = stage, step
+
+
+class NonFiniteError(FloatingPointError):
+  """A step's loss, gradient norm or new parameters were not finite (on_nonfinite="stop")."""
+
+
 def _scalars(metrics: dict[str, Any], prefix: str = "") -> dict[str, float]:
   return {prefix + k: float(v) for k, v in metrics.items() if np.ndim(v) == 0}
+
+
+@contextlib.contextmanager
+def _sigterm_flag():
+  """A flag that SIGTERM sets (instead of killing the process) while the loop runs."""
+  flag = threading.Event()
+  if threading.current_thread() is not threading.main_thread():
+    yield flag  # signal handlers can only be set from the main thread
+    return
+  previous = signal.signal(signal.SIGTERM, lambda *_: flag.set())
+  try:
+    yield flag
+  finally:
+    signal.signal(signal.SIGTERM, previous)
+
+
+def _check_finite(stage: Stage, steps: list[int], host: list[dict[str, Any]],
+                  checkpoints: Checkpoints) -> int:
+  """Number of non-finite steps among `steps`; with on_nonfinite="stop", raises on the first."""
+  bad = [(s, m) for s, m in zip(steps, host) if m["nonfinite"]]
+  policy = stage.config.on_nonfinite
+  if policy not in ("stop", "skip"):
+    raise ValueError(f"[{stage.name}] on_nonfinite={policy!r}: choose 'stop' or 'skip'")
+  if bad and policy == "stop":
+    step, metrics = bad[0]
+    terms = [k for k, v in metrics.items() if k != "nonfinite" and not np.all(np.isfinite(v))]
+    checkpoints.close()  # let the last good checkpoint finish writing
+    raise NonFiniteError(
+        f"[{stage.name}] step {step}: non-finite {', '.join(terms) or 'update'} (the step changed "
+        f"nothing). Last good checkpoint: step {checkpoints.latest_step()} in "
+        f"{checkpoints.manager.directory}. Lower the learning rate or check the data, or set this "
+        "stage's on_nonfinite='skip' to skip such steps.")
+  for step, _ in bad:
+    logging.warning("[%s] step %d: non-finite loss, gradient or update: skipped", stage.name, step)
+  return len(bad)
 
 
 def train(stage: Stage, state: state_lib.TrainState, workdir: pathlib.Path,
@@ -55,36 +111,52 @@ def train(stage: Stage, state: state_lib.TrainState, workdir: pathlib.Path,
   step_args = parallel.put(stage.step_args)
   step_fn, compiled = parallel.compile(stage.step, len(step_args)), None
   schedule = state_lib.schedule(cfg)
-  pending, data_wait, window_start = [], 0.0, time.perf_counter()
-  for step in range(start + 1, cfg.num_steps + 1):
-    t0 = time.perf_counter()
-    batch = parallel.batch(next(stage.batches))
-    data_wait += time.perf_counter() - t0
-    if compiled is None:  # once, on the first batch: ahead of time, every process in step
-      compiled = parallel.ready(step_fn, state, *step_args, batch)
-    state, metrics = compiled(state, *step_args, batch)
-    pending.append(metrics)
-    last = step == cfg.num_steps
-    if step % cfg.log_every == 0 or last:
-      host = jax.device_get(pending)  # blocks: the only host sync of the window
-      elapsed = time.perf_counter() - window_start
-      logged = {k: float(np.mean([m[k] for m in host])) for k in host[0]}
-      logged.update(learning_rate=float(schedule(step - 1)),
-                    steps_per_sec=len(host) / elapsed, data_wait_frac=data_wait / elapsed)
-      if writer:
-        writer.write(step, logged)
-      eta = (cfg.num_steps - step) * elapsed / len(host)
-      logging.info("[%s] step %d/%d loss %.4f  %.2f steps/s  data wait %.0f%%  ETA %.0fs",
-                   stage.name, step, cfg.num_steps, logged["loss"], logged["steps_per_sec"],
-                   100 * logged["data_wait_frac"], eta)
-      pending, data_wait, window_start = [], 0.0, time.perf_counter()
-    if cfg.eval_every and step % cfg.eval_every == 0 and not last:
-      result = _scalars(stage.evaluate(parallel_lib.local(state)), "eval_")
-      if writer:
-        writer.write(step, result)
-      window_start = time.perf_counter()  # evaluation time is not training throughput
-    if step % cfg.checkpoint_every == 0 or last:
-      checkpoints.save(step, state, stage.batches)
+  skipped = 0  # non-finite steps skipped since this process started the stage
+  pending, checked, data_wait, window_start = [], 0, 0.0, time.perf_counter()
+  with _sigterm_flag() as sigterm:
+    for step in range(start + 1, cfg.num_steps + 1):
+      t0 = time.perf_counter()
+      batch = parallel.batch(next(stage.batches))
+      data_wait += time.perf_counter() - t0
+      if compiled is None:  # once, on the first batch: ahead of time, every process in step
+        compiled = parallel.ready(step_fn, state, *step_args, batch)
+      state, metrics = compiled(state, *step_args, batch)
+      pending.append((step, metrics))
+      last = step == cfg.num_steps
+      save = step % cfg.checkpoint_every == 0 or last
+      preempted = sigterm.is_set() or (jax.process_count() > 1
+                                       and checkpoints.manager.reached_preemption(step))
+      if step % cfg.log_every == 0 or last or save or preempted:
+        steps, host = zip(*jax.device_get(pending))  # blocks: the host sync of the window
+        skipped += _check_finite(stage, steps[checked:], host[checked:], checkpoints)
+        checked = len(pending)
+      if step % cfg.log_every == 0 or last:
+        elapsed = time.perf_counter() - window_start
+        good = [m for m in host if not m["nonfinite"]] or host
+        logged = {k: float(np.mean([m[k] for m in good])) for k in good[0] if k != "nonfinite"}
+        logged.update(learning_rate=float(schedule(step - 1)), skipped_steps=skipped,
+                      steps_per_sec=len(host) / elapsed, data_wait_frac=data_wait / elapsed)
+        if writer:
+          writer.write(step, logged)
+        eta = (cfg.num_steps - step) * elapsed / len(host)
+        logging.info("[%s] step %d/%d loss %.4f  %.2f steps/s  data wait %.0f%%  ETA %.0fs",
+                     stage.name, step, cfg.num_steps, logged["loss"], logged["steps_per_sec"],
+                     100 * logged["data_wait_frac"], eta)
+        pending, checked, data_wait, window_start = [], 0, 0.0, time.perf_counter()
+      if cfg.eval_every and step % cfg.eval_every == 0 and not last:
+        result = _scalars(stage.evaluate(parallel_lib.local(state)), "eval_")
+        if writer:
+          writer.write(step, result)
+        window_start = time.perf_counter()  # evaluation time is not training throughput
+      if save or preempted:
+        checkpoints.save(step, state, stage.batches)
+      if preempted and not last:
+        checkpoints.close()
+        if writer:
+          writer.close()
+        logging.warning("[%s] preempted: checkpoint of step %d written to %s; run the same "
+                        "command again to resume", stage.name, step, workdir)
+        raise Preempted(stage.name, step)
   checkpoints.close()
   final = stage.evaluate(parallel_lib.local(state))
   if writer:

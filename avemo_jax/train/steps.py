@@ -74,9 +74,14 @@ def _apply_gradients(state: TrainState, loss_fn: Callable, axis_name: str | None
   (loss, (batch_stats, metrics)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
   if axis_name is not None:
     grads = jax.lax.pmean(grads, axis_name)
-  state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
-  metrics = {**metrics, "loss": loss, "grad_norm": optax.tree.norm(grads),
-             "param_norm": optax.tree.norm(state.params)}
+  updated = state.apply_gradients(grads=grads, batch_stats=batch_stats)
+  grad_norm, param_norm = optax.tree.norm(grads), optax.tree.norm(updated.params)
+  # A non-finite step leaves everything as it was (params, BatchNorm statistics, optimizer and
+  # step count); the loop stops or counts it (config on_nonfinite).
+  finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(param_norm)
+  state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), updated, state)
+  metrics = {**metrics, "loss": loss, "grad_norm": grad_norm, "param_norm": param_norm,
+             "nonfinite": 1.0 - finite.astype(jnp.float32)}
   return state, metrics
 
 

@@ -1,0 +1,124 @@
+"""Faults: non-finite steps stop (or are skipped) and change nothing; SIGTERM checkpoints at the
+next step boundary and the resumed run ends where an uninterrupted one does."""
+import json
+import os
+import signal
+
+import flax.linen as nn
+import grain
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from avemo_jax import parallel
+from avemo_jax.train import loop, steps
+from avemo_jax.train import state as state_lib
+from configs import common
+
+POISON = 9  # example index with a NaN target: in the third batch of 4
+
+
+def _example(i: int) -> dict[str, np.ndarray]:
+  rng = np.random.default_rng(i)
+  x = rng.normal(size=3).astype(np.float32)
+  y = np.float32(np.nan if i == POISON else x @ np.array([1.0, -2.0, 0.5]))
+  return {"x": x, "y": np.array([y], np.float32)}
+
+
+class _Linear(nn.Module):
+  @nn.compact
+  def __call__(self, x, *, train: bool = False):
+    return nn.Dense(1)(x)
+
+
+def _toy_step(state, batch, axis_name=None):
+  def loss_fn(params):
+    pred = state.apply_fn({"params": params}, batch["x"])
+    return jnp.mean(jnp.square(pred - batch["y"])), (state.batch_stats, {})
+  return steps._apply_gradients(state, loss_fn, axis_name)
+
+
+def _config(**overrides):
+  cfg = common.schedule_config(True, steps=12, lr=0.05)
+  cfg.update({"num_steps": 12, "log_every": 4, "eval_every": 0, "checkpoint_every": 2,
+              **overrides})
+  return cfg
+
+
+def _train(workdir, cfg, *, poison=True, batches=None):
+  examples = grain.MapDataset.range(200).map(
+      lambda i: _example(int(i) if poison else int(i) + 1000))
+  stage = loop.Stage(name="toy", config=cfg, step=_toy_step, step_args=(),
+                     batches=batches or iter(examples.batch(4).to_iter_dataset()),
+                     evaluate=lambda s: {})
+  state = state_lib.create(_Linear(), cfg, jax.random.key(0), (jnp.zeros((1, 3)),))
+  return loop.train(stage, state, workdir, max_checkpoints=3,
+                    parallel=parallel.DataParallel("jit", devices=jax.devices()[:1]))
+
+
+def test_a_nonfinite_step_changes_nothing():
+  cfg = _config()
+  state = state_lib.create(_Linear(), cfg, jax.random.key(0), (jnp.zeros((1, 3)),))
+  batch = {"x": np.ones((4, 3), np.float32), "y": np.full((4, 1), np.nan, np.float32)}
+  after, metrics = jax.jit(_toy_step)(state, batch)
+  assert float(metrics["nonfinite"]) == 1.0 and not np.isfinite(float(metrics["loss"]))
+  jax.tree.map(np.testing.assert_array_equal, after, state)  # params, optimizer, step
+  batch["y"][:] = 1.0
+  after, metrics = jax.jit(_toy_step)(state, batch)
+  assert float(metrics["nonfinite"]) == 0.0 and int(after.step) == 1
+
+
+def test_nonfinite_stops_naming_step_terms_and_last_good_checkpoint(tmp_path):
+  with pytest.raises(loop.NonFiniteError) as info:
+    _train(tmp_path, _config())
+  message = str(info.value)
+  assert "[toy] step 3: non-finite grad_norm, loss, param_norm (the step changed nothing)" in message
+  assert f"Last good checkpoint: step 2 in {tmp_path / 'checkpoints'}" in message
+  assert "on_nonfinite='skip'" in message
+  assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["2"]  # complete, only
+
+
+def test_nonfinite_skip_counts_and_finishes(tmp_path):
+  state, _ = _train(tmp_path, _config(on_nonfinite="skip"))
+  assert all(np.isfinite(x).all() for x in jax.tree.leaves(state.params))
+  assert int(state.step) == 11  # 12 steps, one of which changed nothing
+  lines = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+  logged = [l for l in lines if "loss" in l]
+  assert [l["skipped_steps"] for l in logged] == [1, 1, 1]
+  assert all(np.isfinite(l["loss"]) for l in logged)
+
+
+class _TermAt:
+  """Wraps a checkpointable iterator and sends this process SIGTERM while producing the
+  batch of step `at` (the signal lands mid-step, as a real preemption would)."""
+
+  def __init__(self, inner, at: int):
+    self.inner, self.at, self.calls = inner, at, 0
+
+  def __next__(self):
+    self.calls += 1
+    if self.calls == self.at:
+      os.kill(os.getpid(), signal.SIGTERM)
+    return next(self.inner)
+
+  def get_state(self):
+    return self.inner.get_state()
+
+  def set_state(self, state):
+    self.inner.set_state(state)
+
+
+def test_sigterm_checkpoints_and_resume_equals_uninterrupted(tmp_path):
+  cfg = _config(checkpoint_every=100)  # only the final and the preemption checkpoints
+  reference, _ = _train(tmp_path / "ref", cfg, poison=False)
+  examples = grain.MapDataset.range(200).map(lambda i: _example(int(i) + 1000))
+  batches = _TermAt(iter(examples.batch(4).to_iter_dataset()), at=5)
+  with pytest.raises(loop.Preempted) as info:
+    _train(tmp_path / "run", cfg, poison=False, batches=batches)
+  assert info.value.code == 143 and info.value.step == 5
+  assert signal.getsignal(signal.SIGTERM) is not None  # the loop put the old handler back
+  assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["5"]
+  resumed, _ = _train(tmp_path / "run", cfg, poison=False)
+  jax.tree.map(np.testing.assert_array_equal, resumed.params, reference.params)
+  jax.tree.map(np.testing.assert_array_equal, resumed.opt_state, reference.opt_state)
