@@ -122,3 +122,40 @@ def test_sigterm_checkpoints_and_resume_equals_uninterrupted(tmp_path):
   resumed, _ = _train(tmp_path / "run", cfg, poison=False)
   jax.tree.map(np.testing.assert_array_equal, resumed.params, reference.params)
   jax.tree.map(np.testing.assert_array_equal, resumed.opt_state, reference.opt_state)
+
+
+def test_corrupt_newest_checkpoint_resumes_from_the_previous_one(tmp_path, caplog):
+  cfg = _config(checkpoint_every=4)
+  reference, _ = _train(tmp_path / "ref", cfg, poison=False)
+  examples = grain.MapDataset.range(200).map(lambda i: _example(int(i) + 1000))
+  with pytest.raises(loop.Preempted):  # checkpoints 4, 8 and 10
+    _train(tmp_path / "run", cfg, poison=False,
+           batches=_TermAt(iter(examples.batch(4).to_iter_dataset()), at=10))
+  newest = tmp_path / "run" / "checkpoints" / "10"
+  files = [p for p in (newest / "state").rglob("*") if p.is_file()]
+  assert files
+  for p in files:
+    p.write_bytes(b"\x00garbage" * 3)
+  resumed, _ = _train(tmp_path / "run", cfg, poison=False)  # from step 8, with a warning
+  assert "checkpoint step 10" in caplog.text and "resuming from step 8" in caplog.text
+  assert (tmp_path / "run" / "checkpoints" / "10.unreadable").is_dir()
+  jax.tree.map(np.testing.assert_array_equal, resumed.params, reference.params)
+
+
+def test_a_checkpoint_of_another_model_is_an_error_not_a_fresh_start(tmp_path):
+  _train(tmp_path, _config(checkpoint_every=4), poison=False)
+  examples = grain.MapDataset.range(200).map(lambda i: _example(int(i) + 1000))
+  stage = loop.Stage(name="toy", config=_config(), step=_toy_step, step_args=(),
+                     batches=iter(examples.batch(4).to_iter_dataset()), evaluate=lambda s: {})
+
+  class Wider(nn.Module):
+    @nn.compact
+    def __call__(self, x, *, train: bool = False):
+      return nn.Dense(1)(nn.Dense(5)(x))
+
+  state = state_lib.create(Wider(), _config(), jax.random.key(0), (jnp.zeros((1, 3)),))
+  with pytest.raises(ValueError, match=r"none of the checkpoints \[12, 8, 4\] in .*checkpoints "
+                     r"reads back into this stage's model and optimizer"):
+    loop.train(stage, state, tmp_path, max_checkpoints=3,
+               parallel=parallel.DataParallel("jit", devices=jax.devices()[:1]))
+  assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["12", "4", "8"]

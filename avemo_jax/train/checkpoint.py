@@ -39,6 +39,40 @@ class Checkpoints:
     logging.info("restored step %d from %s", step, self.manager.directory)
     return restored["state"]
 
+  def restore_newest(self, state: TrainState, iterator: grain.DatasetIterator | None
+                     ) -> tuple[TrainState, int]:
+    """(restored state, step) of the newest checkpoint that reads back, or (state, 0) when there
+    is none. Newer ones that do not read back (a file corrupted on disk; Orbax never lists one
+    whose writing was interrupted) are renamed `<step>.unreadable` with a warning. When none reads
+    back, the newest one's error is raised and nothing is renamed (e.g. another architecture)."""
+    steps = sorted(self.manager.all_steps(), reverse=True)
+    errors = []
+    for step in steps:
+      try:
+        restored = self.restore(state, iterator, step)
+      except Exception as e:  # noqa: BLE001 (Orbax and TensorStore raise many kinds)
+        errors.append((step, e))
+        continue
+      for bad, error in errors:
+        path = pathlib.Path(self.manager.directory) / str(bad)
+        logging.warning("checkpoint step %d in %s cannot be read (%s: %s); resuming from step %d "
+                        "and keeping it as %s.unreadable", bad, path.parent,
+                        type(error).__name__, str(error)[:300], step, path.name)
+        if jax.process_index() == 0:
+          path.rename(path.with_name(f"{bad}.unreadable"))
+      if errors:
+        if jax.process_count() > 1:  # every process sees the renames before it reloads
+          ocp.multihost.sync_global_processes("avemo_jax_unreadable", timeout=600,
+                                              processes=set(range(jax.process_count())))
+        self.manager.reload()
+      return restored, step
+    if errors:
+      raise ValueError(
+          f"none of the checkpoints {steps} in {self.manager.directory} reads back into this "
+          "stage's model and optimizer (written with another architecture or config? use another "
+          f"--workdir, or delete them to start over); newest: {errors[0][1]}") from errors[0][1]
+    return state, 0
+
   def close(self) -> None:
     self.manager.wait_until_finished()
     self.manager.close()

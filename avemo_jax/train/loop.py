@@ -85,10 +85,12 @@ def _check_finite(stage: Stage, steps: list[int], host: list[dict[str, Any]],
     step, metrics = bad[0]
     terms = [k for k, v in metrics.items() if k != "nonfinite" and not np.all(np.isfinite(v))]
     checkpoints.close()  # let the last good checkpoint finish writing
+    good = checkpoints.latest_step()
+    where = (f"step {good} in {checkpoints.manager.directory}" if good is not None
+             else f"none yet in {checkpoints.manager.directory}")
     raise NonFiniteError(
         f"[{stage.name}] step {step}: non-finite {', '.join(terms) or 'update'} (the step changed "
-        f"nothing). Last good checkpoint: step {checkpoints.latest_step()} in "
-        f"{checkpoints.manager.directory}. Lower the learning rate or check the data, or set this "
+        f"nothing). Last good checkpoint: {where}. Lower the learning rate or check the data, or set this "
         "stage's on_nonfinite='skip' to skip such steps.")
   for step, _ in bad:
     logging.warning("[%s] step %d: non-finite loss, gradient or update: skipped", stage.name, step)
@@ -102,10 +104,7 @@ def train(stage: Stage, state: state_lib.TrainState, workdir: pathlib.Path,
   all devices; a checkpoint written on any number of devices restores onto these."""
   cfg = stage.config
   checkpoints = Checkpoints(workdir / "checkpoints", max_checkpoints)
-  start = checkpoints.latest_step() or 0
-  state = parallel.put(state)
-  if start:
-    state = checkpoints.restore(state, stage.batches, start)
+  state, start = checkpoints.restore_newest(parallel.put(state), stage.batches)
   main = parallel_lib.is_main_process()
   writer = MetricWriter(workdir, resume_step=start) if main else None
   step_args = parallel.put(stage.step_args)
