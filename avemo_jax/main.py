@@ -1,9 +1,13 @@
 """Entry point: python -m avemo_jax.main --config=configs/distill.py[:tiny] [--workdir=DIR]."""
+import json
+import pathlib
+
 from absl import app, flags, logging
 from ml_collections import config_flags
 
 from avemo_jax import parallel
 from avemo_jax.train import stages
+from avemo_jax.train import workdir as workdir_lib
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (e.g. configs/distill.py).",
                                           lock_config=True)
@@ -23,8 +27,17 @@ def main(argv: list[str]) -> None:
   parallel.initialize(_CONFIG.value.parallel)  # before anything touches a device
   if not parallel.is_main_process():
     logging.set_verbosity(logging.WARNING)
-  logging.info("config:\n%s", _CONFIG.value)
-  stages.run(_CONFIG.value, _WORKDIR.value)
+  config, workdir = _CONFIG.value, pathlib.Path(_WORKDIR.value)
+  logging.info("config:\n%s", config)
+  with workdir_lib.exclusive(workdir):
+    summary = workdir_lib.finished(config, workdir)
+    if summary is None:
+      summary = stages.run(config, workdir)
+      workdir_lib.mark_finished(config, workdir, summary)
+    else:
+      logging.info("%s: this config already finished here; nothing to do", workdir)
+  if parallel.is_main_process():
+    print(json.dumps(summary, indent=1))
 
 
 if __name__ == "__main__":

@@ -23,6 +23,12 @@ def test_cli_runs_teacher_with_overrides(tmp_path):
   steps = [json.loads(l)["step"] for l in (tmp_path / "teacher" / "metrics.jsonl").open()]
   assert steps == [2, 4, 4]  # two training lines, then the final evaluation
   assert "[teacher] step 4/4" in result.stderr  # the progress line
+  assert json.loads(result.stdout) == summary  # the summary, printed at the end
+  # The same command again: a no-op that prints the summary; another config trains again.
+  again = _main("--config=configs/teacher.py:tiny", f"--workdir={tmp_path}",
+                "--config.teacher.num_steps=4", "--config.teacher.log_every=2")
+  assert again.returncode == 0 and json.loads(again.stdout) == summary
+  assert "already finished here" in again.stderr and "[teacher] step" not in again.stderr
 
 
 @pytest.mark.parametrize("override,culprit", [("--config.teacher.num_stepz=3", "num_stepz"),

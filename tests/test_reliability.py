@@ -13,8 +13,9 @@ import pytest
 
 from avemo_jax import parallel
 from avemo_jax.train import loop, steps
+from avemo_jax.train import workdir as workdir_lib
 from avemo_jax.train import state as state_lib
-from configs import common
+from configs import common, fusion
 
 POISON = 9  # example index with a NaN target: in the third batch of 4
 
@@ -159,3 +160,26 @@ def test_a_checkpoint_of_another_model_is_an_error_not_a_fresh_start(tmp_path):
     loop.train(stage, state, tmp_path, max_checkpoints=3,
                parallel=parallel.DataParallel("jit", devices=jax.devices()[:1]))
   assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["12", "4", "8"]
+
+
+def test_one_run_per_workdir(tmp_path):
+  with workdir_lib.exclusive(tmp_path):
+    with pytest.raises(RuntimeError, match=rf"{tmp_path} is in use by another run \(pid "
+                       rf"{os.getpid()} on .*choose another --workdir"):
+      with workdir_lib.exclusive(tmp_path):
+        pass
+  with workdir_lib.exclusive(tmp_path):  # released at exit
+    pass
+
+
+def test_finished_run_is_recognised_by_its_config(tmp_path):
+  config = fusion.get_config("tiny")
+  assert workdir_lib.finished(config, tmp_path) is None
+  workdir_lib.mark_finished(config, tmp_path, {"teacher": {"acc8": 0.5}})
+  assert workdir_lib.finished(fusion.get_config("tiny"), tmp_path) == {"teacher": {"acc8": 0.5}}
+  other_devices = fusion.get_config("tiny")
+  other_devices.parallel.backend = "pmap"  # where it runs is not what it computes
+  assert workdir_lib.finished(other_devices, tmp_path) is not None
+  longer = fusion.get_config("tiny")
+  longer.teacher.num_steps = 40
+  assert workdir_lib.finished(longer, tmp_path) is None
