@@ -152,6 +152,11 @@ def base_config(tiny: bool) -> ml_collections.ConfigDict:
   c.teacher = stage_config(tiny, steps=230, lr=2e-3)
   c.student = stage_config(tiny, steps=60, lr=2.5e-4)
   c.teacher_checkpoint = ""  # reuse a teacher: path of a teacher stage dir or its checkpoints/
+  # Pretrained starts (README): output folders of tools/convert_*.py; "" = random init.
+  c.init = ml_collections.ConfigDict({
+      "face_backbone": "",  # teacher trunk from convert_facenet.py (the student: from the teacher)
+      "audio": "",  # audio encoder from convert_vggish.py (its valence/arousal head stays random)
+  })
   c.student_init = "teacher"  # "teacher" (start from its weights) or "scratch"
   c.max_checkpoints = 2  # checkpoints kept per stage
   c.sequences = sequence_config(tiny)

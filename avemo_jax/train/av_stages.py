@@ -77,6 +77,9 @@ def _audio_stage(config, workdir: pathlib.Path, summary, par, write_summary) -> 
       evaluate=evaluate)
   start = time.perf_counter()
   state = state_lib.create(model, cfg, jax.random.key(config.seed + 2), build.audio_inputs())
+  if config.init.audio:  # converted AudioSet VGGish; the valence/arousal head is ours
+    state = state_lib.start_from(state, config.init.audio, "vggish", keep=("va_head",),
+                                 what="config.init.audio", section="config.audio")
   state, result = loop.train(stage, state, workdir / "audio", config.max_checkpoints, par)
   summary["audio"] = {**result, "train_seconds": round(time.perf_counter() - start, 1)}
   write_summary(workdir, summary)

@@ -92,6 +92,9 @@ def _visual_stages(config: ml_collections.ConfigDict, workdir: pathlib.Path,
         evaluate=lambda s: evaluator(s.variables))
     start = time.perf_counter()
     state = state_lib.create(model, cfg, jax.random.fold_in(rng, 0), build.face_inputs(size))
+    if config.init.face_backbone:  # the paper's start: a converted VGGFace2 FaceNet trunk
+      state = state_lib.start_from(state, config.init.face_backbone, "facenet", at=("trunk",),
+                                   what="config.init.face_backbone", section="config.model")
     state, result = loop.train(stage, state, workdir / "teacher", config.max_checkpoints, par)
     _finish(workdir, "teacher", result, time.perf_counter() - start, summary)
     teacher_variables, teacher_predictions = parallel.local(state.variables), result["predictions"]

@@ -8,6 +8,8 @@ import ml_collections
 import optax
 from flax.training import train_state
 
+from avemo_jax.models import convert
+
 
 class TrainState(train_state.TrainState):
   batch_stats: Any
@@ -45,3 +47,16 @@ def create(model: nn.Module, stage: ml_collections.ConfigDict, rng: jax.Array,
                             batch_stats=variables.get("batch_stats", {}), tx=make_optimizer(stage))
   # A Python-int step is weakly typed; the step's output is not: the jit would compile twice.
   return state.replace(step=jnp.zeros((), jnp.int32))
+
+
+def start_from(state: TrainState, path: str, kind: str, *, what: str, section: str,
+               at: tuple[str, ...] = (), keep: tuple[str, ...] = ()) -> TrainState:
+  """`state` with its variables under `at` taken from converted pretrained weights (the output
+  folder of tools/convert_{kind}.py); only the entries named in `keep` stay as initialised.
+  `what` (the config key) and `section` (the model's config section) name the fix in errors."""
+  converted, info = convert.load(path, kind, what)
+  fix = (f"{path} holds {kind} weights for {info.get('model')} (its conversion.json): set "
+         f"{section} to match, or leave {what} empty.")
+  variables = convert.graft(state.variables, converted, at=at, keep=keep, what=f"{what}={path!r}",
+                            fix=fix)
+  return state.replace(params=variables["params"], batch_stats=variables.get("batch_stats", {}))
