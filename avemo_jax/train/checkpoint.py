@@ -100,5 +100,10 @@ def load_variables(path: str, template: TrainState, what: str) -> dict[str, Any]
                           template)
   try:
     return checkpoints.restore(template, None).variables
+  except ValueError as e:  # Orbax: tree structures or array shapes differ
+    raise ValueError(f"{what}={path!r} does not fit this stage's model and optimizer (written "
+                     "with another architecture, e.g. another config.model width or cut?); give "
+                     f"a checkpoint of this architecture or change config.model. Orbax: {e}"
+                     ) from e
   finally:
     checkpoints.manager.close()

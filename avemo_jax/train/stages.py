@@ -48,9 +48,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict[
   Entries of stages that are not rerun (e.g. the visual stages when fusion reuses a student)
   are kept from an existing summary.json.
   """
-  unknown = set(config.stages) - set(STAGES)
-  if unknown:
-    raise ValueError(f"config.stages has unknown {sorted(unknown)}; choose from {STAGES}")
+  _validate(config)
   workdir = pathlib.Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
   path = workdir / "summary.json"
@@ -62,6 +60,29 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict[
   if "audio" in config.stages or "fusion" in config.stages:
     av_stages.run(config, workdir, summary, student, par, write_summary=_write_summary)
   return summary
+
+
+def _validate(config: ml_collections.ConfigDict) -> None:
+  """The config errors that can be found before any long work starts, each naming its key."""
+  unknown = set(config.stages) - set(STAGES)
+  if unknown:
+    raise ValueError(f"config.stages has unknown {sorted(unknown)}; choose from {STAGES}")
+  build.compute_dtype(config.dtype)
+  wrong_models = set(config.fusion.models) - set(av_stages.MODEL_MODALITIES)
+  if wrong_models:
+    raise ValueError(f"config.fusion.models has {sorted(wrong_models)}; choose from "
+                     f"{tuple(av_stages.MODEL_MODALITIES)}")
+  if config.fusion.level not in ("feature", "model"):
+    raise ValueError(f"config.fusion.level={config.fusion.level!r}: 'feature' or 'model'")
+  for name, stage in (("teacher", config.teacher), ("student", config.student),
+                      ("audio.train", config.audio.train), ("fusion.train", config.fusion.train)):
+    if stage.on_nonfinite not in ("stop", "skip"):
+      raise ValueError(f"config.{name}.on_nonfinite={stage.on_nonfinite!r}: 'stop' or 'skip'")
+  if config.data.source not in ("synthetic", "tfds") or (config.data.source == "tfds"
+                                                         and not config.data.data_dir):
+    raise ValueError(f"config.data.source={config.data.source!r}, config.data.data_dir="
+                     f"{config.data.data_dir!r}: 'synthetic', or 'tfds' with the --data_dir of "
+                     "tools/prepare_*.py")
 
 
 def _visual_stages(config: ml_collections.ConfigDict, workdir: pathlib.Path,

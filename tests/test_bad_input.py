@@ -1,0 +1,144 @@
+"""Bad configuration and input, one table: each case fails with one error that names the culprit
+(key, file, row) and what to do, before any long work, and leaves what a workdir already holds
+exactly as it was."""
+import pathlib
+
+import jax
+import numpy as np
+import pytest
+from PIL import Image
+
+from avemo_jax import parallel
+from avemo_jax.data import affectnet, faces, media, recola_files
+from avemo_jax.train import build, stages
+from avemo_jax.train import state as state_lib
+from avemo_jax.train.checkpoint import Checkpoints, load_variables
+from configs import fusion
+
+SUMMARY = '{"teacher": {"acc8": 0.5}}'
+
+
+def _config(**changes):
+  config = fusion.get_config("tiny")
+  for key, value in changes.items():
+    *path, leaf = key.split(".")
+    section = config
+    for part in path:
+      section = section[part]
+    section[leaf] = value
+  return config
+
+
+def _run(**changes):
+  return lambda tmp: stages.run(_config(**changes), tmp / "work")
+
+
+def _misspelt(tmp):
+  _config()["teacher"]["num_stepz"] = 3
+
+
+def _truncated_jpeg(tmp):
+  path = tmp / "face.jpg"
+  Image.fromarray(np.full((64, 64, 3), 128, np.uint8)).save(path, quality=90)
+  path.write_bytes(path.read_bytes()[:200])
+  faces.load_image(path)
+
+
+def _garbage_audio(tmp):
+  (tmp / "voice.wav").write_bytes(b"RIFF\x00\x00garbage" * 10)
+  media.load_audio(tmp / "voice.wav")
+
+
+def _no_face_video(tmp):
+  frames = ((k / 25, np.full((120, 160, 3), 90, np.uint8)) for k in range(10))
+  list(faces.track(frames, faces.FaceDetector(rolls=()), margin=0.1, size=32,
+                   name="talk_3.mp4"))
+
+
+def _empty_affectnet_csv(tmp):
+  manual = tmp / "affectnet"
+  (manual / "Manually_Annotated_Images").mkdir(parents=True)
+  for name in ("training.csv", "validation.csv"):
+    (manual / name).write_text(",".join(affectnet.HEADER) + "\n")
+  affectnet.prepare(manual, tmp / "prepared", image_size=16, margin=0.0)
+
+
+def _arff(tmp, rows: str) -> pathlib.Path:
+  path = tmp / "train_1.arff"
+  path.write_text("@relation GOLDSTANDARD_AROUSAL\n@attribute Instance_name string\n"
+                  "@attribute frameTime numeric\n@attribute GoldStandard numeric\n@data\n" + rows)
+  return path
+
+
+def _truncated_arff(tmp):
+  recola_files.read_gold_standard(_arff(tmp, "'train_1',0.00,0.1\n'train_1',0.04"))
+
+
+def _arff_off_grid(tmp):
+  recola_files.read_gold_standard(_arff(tmp, "'train_1',0.00,0.1\n'train_1',0.08,0.2\n"))
+
+
+def _teacher_of_another_architecture(tmp):
+  tiny = _config()
+  model = build.face_model(tiny.model)
+  state = state_lib.create(model, tiny.teacher, jax.random.key(0), build.face_inputs(80))
+  checkpoints = Checkpoints(tmp / "teacher" / "checkpoints", 2)
+  checkpoints.save(1, state, None)
+  checkpoints.close()
+  wider = _config(**{"model.width": 0.5})
+  model = build.face_model(wider.model)
+  template = jax.eval_shape(lambda: state_lib.create(model, wider.teacher, jax.random.key(0),
+                                                     build.face_inputs(80)))
+  load_variables(str(tmp / "teacher"), template, "config.teacher_checkpoint")
+
+
+def _missing_prepared_data(tmp):
+  config = _config(**{"data.source": "tfds", "data.data_dir": str(tmp / "nothing_here")})
+  config.stages = ("teacher",)
+  stages.run(config, tmp / "work")
+
+
+def _batch_not_split(tmp):
+  parallel.process_batch(12, "teacher.batch_faces")
+
+
+CASES = {
+    "misspelt config key": (_misspelt, KeyError, r"num_stepz.*Did you mean \"num_steps\""),
+    "unknown stage": (_run(stages=("teacher", "finetune")), ValueError,
+                      r"config.stages has unknown \['finetune'\]"),
+    "unknown fusion model": (_run(**{"fusion.models": ("fused", "late")}), ValueError,
+                             r"config.fusion.models has \['late'\]"),
+    "float16": (_run(dtype="float16"), ValueError, r"config.dtype='float16'"),
+    "unknown on_nonfinite": (_run(**{"student.on_nonfinite": "ignore"}), ValueError,
+                             r"config.student.on_nonfinite='ignore'"),
+    "unknown data source": (_run(**{"data.source": "affectnet"}), ValueError,
+                            r"config.data.source='affectnet'.*tools/prepare_"),
+    "tfds without data_dir": (_run(**{"data.source": "tfds"}), ValueError,
+                              r"config.data.data_dir=''"),
+    "tfds data not prepared": (_missing_prepared_data, FileNotFoundError,
+                               r"prepare_affectnet.py"),
+    "batch does not split": (_batch_not_split, ValueError,
+                             r"config teacher.batch_faces=12 .* --config.teacher.batch_faces=8"),
+    "truncated image": (_truncated_jpeg, ValueError, r"face.jpg"),
+    "undecodable audio": (_garbage_audio, ValueError, r"voice.wav"),
+    "video without faces": (_no_face_video, ValueError, r"talk_3.mp4"),
+    "empty AffectNet CSV": (_empty_affectnet_csv, ValueError, r"training.csv"),
+    "truncated ARFF": (_truncated_arff, ValueError, r"train_1.arff.*line"),
+    "ARFF off the 40 ms grid": (_arff_off_grid, ValueError, r"train_1.arff.*0.08.*0.04"),
+    "teacher of another architecture": (_teacher_of_another_architecture, ValueError,
+                                        r"config.teacher_checkpoint=.* does not fit .* "
+                                        r"change config.model"),
+}
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_bad_input_names_the_culprit_and_keeps_the_workdir(case, tmp_path):
+  work = tmp_path / "work"
+  work.mkdir()
+  (work / "summary.json").write_text(SUMMARY)
+  before = sorted(p.relative_to(work) for p in work.rglob("*"))
+  fn, error, pattern = CASES[case]
+  with pytest.raises(error, match=pattern):
+    fn(tmp_path)
+  assert sorted(p.relative_to(work) for p in work.rglob("*")) == before
+  assert (work / "summary.json").read_text() == SUMMARY
