@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from avemo_jax import parallel
+from avemo_jax import export, exported, parallel
 from avemo_jax.data import affectnet, faces, media, recola_files
 from avemo_jax.train import build, stages
 from avemo_jax.train import state as state_lib
@@ -98,6 +98,17 @@ def _missing_prepared_data(tmp):
   stages.run(config, tmp / "work")
 
 
+def _export_of_another_kind(tmp):
+  """A real (tiny) audio export given where a face model is needed."""
+  fn = lambda variables, inputs: {"valence_arousal": inputs["mel"].mean((1, 2))[:, None]
+                                  * variables["params"]["w"]}
+  spec = [export._io("mel", ("b", 96, 64), "float32", "log-mel")]
+  export._write(tmp / "export" / "audio", "audio", fn, {"params": {"w": np.ones(2, np.float32)}},
+                spec, [export._io("valence_arousal", ("b", 2), "float32", "")],
+                {"kind": "audio"}, _config(), "off")
+  exported.load(tmp / "export" / "audio", "face")
+
+
 def _batch_not_split(tmp):
   parallel.process_batch(12, "teacher.batch_faces")
 
@@ -125,6 +136,8 @@ CASES = {
     "empty AffectNet CSV": (_empty_affectnet_csv, ValueError, r"training.csv"),
     "truncated ARFF": (_truncated_arff, ValueError, r"train_1.arff.*line"),
     "ARFF off the 40 ms grid": (_arff_off_grid, ValueError, r"train_1.arff.*0.08.*0.04"),
+    "export of another kind": (_export_of_another_kind, ValueError,
+                               r"export/audio is an export of kind 'audio'.*EXPORT/student"),
     "teacher of another architecture": (_teacher_of_another_architecture, ValueError,
                                         r"config.teacher_checkpoint=.* does not fit .* "
                                         r"change config.model"),

@@ -25,7 +25,8 @@ class FusionGRU(nn.Module):
   Features are expected standardised per dimension (the frozen extractors' features live on
   different scales; `avemo_jax.train.features.standardize` does it with training-set statistics:
   a per-frame LayerNorm would erase the feature magnitude, which carries intensity). Frames at
-  t >= length are padding: the GRU state is not updated there and callers mask them out.
+  t >= length are padding: the GRU runs forward in time, so outputs at t < length never depend
+  on them; outputs at t >= length are meaningless and callers mask them out.
   """
   modalities: Sequence[str] = MODALITIES
   hidden: int = 128

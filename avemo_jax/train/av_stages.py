@@ -153,7 +153,7 @@ def _fusion_stage(config, workdir: pathlib.Path, summary, par, write_summary, st
     dev_predictions[name] = result.pop("predictions")
     report[name] = {**result, "train_seconds": round(time.perf_counter() - began, 1)}
     logging.info("[fusion/%s] dev %s", name, {k: round(v, 4) for k, v in result.items()})
-  gaps = _dev_gaps(config)
+  gaps = dev_gaps(config)
   plot_dir = workdir / "fusion" / "plots"
   plot_dir.mkdir(parents=True, exist_ok=True)
   for r, n in enumerate(lengths if parallel.is_main_process() else ()):
@@ -161,11 +161,11 @@ def _fusion_stage(config, workdir: pathlib.Path, summary, par, write_summary, st
                               {k: v[r, :n] for k, v in dev_predictions.items()},
                               plot_dir / f"dev_{r:02d}.png", f"dev recording {r}", gaps=gaps[r])
   summary["fusion"] = report
-  summary["fusion_by_condition"] = _by_condition(gaps, dev["labels"], dev_predictions, lengths)
+  summary["fusion_by_condition"] = by_condition(gaps, dev["labels"], dev_predictions, lengths)
   write_summary(workdir, summary)
 
 
-def _dev_gaps(config) -> list[dict[str, np.ndarray]]:
+def dev_gaps(config) -> list[dict[str, np.ndarray]]:
   """Per dev recording, bool [T] masks of the frames where a modality is missing: synthetic, the
   voice silent / the face hidden; RECOLA, the frames without their own face detection."""
   recordings = pipeline.recordings(config, "dev")
@@ -175,7 +175,7 @@ def _dev_gaps(config) -> list[dict[str, np.ndarray]]:
           (recordings[r] for r in range(len(recordings)))]
 
 
-def _by_condition(gaps, labels, predictions, lengths) -> dict[str, dict[str, Any]]:
+def by_condition(gaps, labels, predictions, lengths) -> dict[str, dict[str, Any]]:
   """Dev CCC (recordings concatenated) of each model on the frames where both modalities are
   present and on those where each gap applies: where fusion earns its keep."""
   select = {"both present": lambda g: ~np.logical_or.reduce(list(g.values())),

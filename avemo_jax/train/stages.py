@@ -21,23 +21,31 @@ from avemo_jax.train.evaluation import Evaluator
 STAGES = ("teacher", "student", "audio", "fusion")
 
 
-def _write_summary(workdir: pathlib.Path, summary: dict[str, Any]) -> None:
+def _write_json(path: pathlib.Path, content: Any) -> None:
   if not parallel.is_main_process():
     return
-  path = workdir / "summary.json"
-  tmp = path.with_suffix(".json.tmp")  # never leave a half-written summary behind
-  tmp.write_text(json.dumps(summary, indent=2) + "\n")
+  tmp = path.with_suffix(".json.tmp")  # never leave a half-written file behind
+  tmp.write_text(json.dumps(content, indent=2) + "\n")
   tmp.replace(path)
 
 
+def _write_summary(workdir: pathlib.Path, summary: dict[str, Any],
+                   config: ml_collections.ConfigDict) -> None:
+  """summary.json, and beside it config.json: the config of the run whose models the summary
+  describes (tools/export.py reads the architectures from it). Written only once a stage has
+  finished, so a run that fails early leaves an earlier run's config in place."""
+  _write_json(workdir / "config.json", json.loads(config.to_json_best_effort()))
+  _write_json(workdir / "summary.json", summary)
+
+
 def _finish(workdir: pathlib.Path, name: str, result: dict[str, Any], seconds: float,
-            summary: dict[str, Any]) -> None:
+            summary: dict[str, Any], config: ml_collections.ConfigDict) -> None:
   if parallel.is_main_process():
     plots.confusion_matrix_png(np.asarray(result["confusion"]), synthetic.EXPRESSIONS,
                                workdir / name / "confusion.png", f"{name}: held-out faces")
   summary[name] = {k: v for k, v in result.items() if k != "predictions"}
   summary[name]["train_seconds"] = round(seconds, 1)
-  _write_summary(workdir, summary)
+  _write_summary(workdir, summary, config)
   logging.info("[%s] %s", name, {k: round(v, 4) for k, v in summary[name].items()
                                   if isinstance(v, float)})
 
@@ -58,7 +66,8 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict[
   if {"teacher", "student"} & set(config.stages):
     student = _visual_stages(config, workdir, summary, par)
   if "audio" in config.stages or "fusion" in config.stages:
-    av_stages.run(config, workdir, summary, student, par, write_summary=_write_summary)
+    av_stages.run(config, workdir, summary, student, par,
+                  write_summary=functools.partial(_write_summary, config=config))
   return summary
 
 
@@ -117,7 +126,7 @@ def _visual_stages(config: ml_collections.ConfigDict, workdir: pathlib.Path,
       state = state_lib.start_from(state, config.init.face_backbone, "facenet", at=("trunk",),
                                    what="config.init.face_backbone", section="config.model")
     state, result = loop.train(stage, state, workdir / "teacher", config.max_checkpoints, par)
-    _finish(workdir, "teacher", result, time.perf_counter() - start, summary)
+    _finish(workdir, "teacher", result, time.perf_counter() - start, summary, config)
     teacher_variables, teacher_predictions = parallel.local(state.variables), result["predictions"]
 
   if "student" not in config.stages:
@@ -146,5 +155,5 @@ def _visual_stages(config: ml_collections.ConfigDict, workdir: pathlib.Path,
   state = state_lib.create(model, cfg, jax.random.fold_in(rng, 1), build.face_inputs(size),
                            init)
   state, result = loop.train(stage, state, workdir / "student", config.max_checkpoints, par)
-  _finish(workdir, "student", result, time.perf_counter() - start, summary)
+  _finish(workdir, "student", result, time.perf_counter() - start, summary, config)
   return parallel.local(state.variables)

@@ -1,0 +1,45 @@
+"""Exports the trained models of a workdir, one self-contained directory each.
+
+  python tools/export.py --workdir=WORKDIR --out=EXPORT_DIR [--onnx=auto]
+
+The architectures come from WORKDIR/config.json, which every training run writes (or give
+--config=configs/... with the run's --config.* overrides). Writes EXPORT_DIR/{teacher,student,audio,fusion/<model>} for what the workdir
+holds; load one with `avemo_jax.export.load(DIR)` or, without this package, the `load.py` in it.
+"""
+import json
+import pathlib
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from avemo_jax import export
+
+# The configs import each other as `configs.<name>`: the repository root must be importable, as
+# it is for `python -m avemo_jax.main` run from there.
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+
+__doc__ += "\n" + export.__doc__
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "The config the workdir was trained "
+                                          "with (default: WORKDIR/config.json).", lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", "workdir", "The training run's --workdir.")
+_OUT = flags.DEFINE_string("out", None, "Where the exported model directories go.", required=True)
+_ONNX = flags.DEFINE_enum("onnx", "auto", ["auto", "on", "off"], "ONNX models too: 'auto' where "
+                          "jax2onnx and onnxruntime are installed, 'on' (they must be), 'off'.")
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  # Orbax logs every file operation at INFO; keep its warnings only.
+  logging.get_absl_logger().addFilter(
+      lambda record: "orbax" not in record.pathname or record.levelno >= logging.WARNING)
+  written = export.export_workdir(_CONFIG.value, _WORKDIR.value, _OUT.value, onnx=_ONNX.value)
+  for name, directory in written.items():
+    manifest = json.loads((directory / "manifest.json").read_text())
+    print(f"{name:14s} {directory}  ONNX: {manifest['onnx']['status'][:60]}")
+
+
+if __name__ == "__main__":
+  app.run(main)
