@@ -1,7 +1,7 @@
-"""Export (issue 6): a `fusion.py:tiny` run exported by tools/export.py, each model loaded in a
-fresh process without the model code and compared with the training-time model, the export
-evaluated against the run's summary.json, and ONNX against onnxruntime where jax2onnx is
-installed. One test holds the whole run, so that pytest-xdist never trains it twice."""
+"""Export (issue 6): a `fusion.py:tiny` run (conftest's `tiny_run`) exported by tools/export.py,
+each model loaded in a fresh process without the model code and compared with the training-time
+model, the export evaluated against the run's summary.json, and ONNX against onnxruntime where
+jax2onnx is installed."""
 import importlib.util
 import json
 import os
@@ -13,14 +13,14 @@ import numpy as np
 import pytest
 
 from avemo_jax import export, export_eval, exported
-from avemo_jax.train import av_stages, build, features, stages
+from avemo_jax.train import av_stages, build, features
 from avemo_jax.train import state as state_lib
 from avemo_jax.train.checkpoint import load_variables
 from configs import fusion
 
-STEPS = 4  # per stage: the numbers need not be good, only reproduced
 MODELS = ("teacher", "student", "audio", "fusion/audio", "fusion/visual", "fusion/fused")
 SHAPES = ((5, 37), (2, 61))  # (batch, frames), unlike training's and the export's traces
+pytestmark = pytest.mark.xdist_group("tiny_run")  # one training run for this and test_predict
 
 
 def _tool(*args: str) -> str:
@@ -30,12 +30,8 @@ def _tool(*args: str) -> str:
   return done.stdout
 
 
-def test_export_load_evaluate(tmp_path):
-  config = fusion.get_config("tiny")
-  for stage in (config.teacher, config.student, config.audio.train, config.fusion.train):
-    stage.num_steps = STEPS
-  workdir = tmp_path / "run"
-  summary = stages.run(config, workdir)
+def test_export_load_evaluate(tiny_run, tmp_path):
+  config, workdir, summary = tiny_run
   # The architectures come from the workdir's config.json (the overrides above included).
   _tool("tools/export.py", f"--workdir={workdir}", f"--out={workdir / 'export'}")
   assert sorted(p.parent.relative_to(workdir / "export").as_posix()
