@@ -1,0 +1,115 @@
+"""tools/benchmark.py: the PyTorch peer matches our networks, and a --quick run writes the JSON
+and Markdown the README documents. No timing is asserted."""
+import json
+import pathlib
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from avemo_jax import benchmark, losses
+from avemo_jax.train import build
+from configs import audio, distill, fusion
+
+torch = pytest.importorskip("torch")
+bt = pytest.importorskip("avemo_jax.benchmark_torch")
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+MODALITIES = ("visual", "audio")
+
+
+def _params(model, *inputs) -> int:
+  return benchmark.num_params(jax.eval_shape(lambda: model.init(jax.random.key(0), *inputs,
+                                                                   train=False)))
+
+
+def _dims(config) -> dict[str, int]:
+  return {"visual": config.model.feature_dim, "audio": config.audio.embed_dim}
+
+
+@pytest.mark.parametrize("arg", ["tiny", None])
+def test_peer_parameter_counts_equal_ours(arg):
+  config = fusion.get_config(arg)
+  face = build.face_model(config.model)
+  counts = {"face": (bt.num_params(bt.FaceNet(config.model)),
+                     _params(face, *build.face_inputs(config.data.image_size)))}
+  counts["audio"] = (bt.num_params(bt.VGGish(config.audio)),
+                     _params(build.audio_model(config.audio), *build.audio_inputs()))
+  gru = bt.FusionGRU(config.fusion, MODALITIES, _dims(config))
+  # torch's GRU has b_hr and b_hz beside b_ir and b_iz: 2 x hidden more per layer.
+  counts["fusion"] = (bt.num_params(gru) - bt.redundant_gru_biases(gru),
+                      _params(build.fusion_model(config.fusion, MODALITIES),
+                              *build.fusion_inputs(_dims(config))))
+  assert bt.redundant_gru_biases(gru) == 2 * 2 * config.fusion.hidden
+  for name, (theirs, ours) in counts.items():
+    assert theirs == ours, name
+  if arg is None:  # the full sizes DESIGN.md names: VGGish 72,141,184 + the 2-output head
+    assert counts["audio"][1] == 72_141_184 + 128 * 2 + 2
+
+
+def test_peer_outputs_have_our_shapes():
+  config = distill.get_config("tiny")
+  size, rng = config.data.image_size, np.random.default_rng(0)
+  images = rng.integers(0, 256, (3, size, size, 3), dtype=np.uint8)
+  face = build.face_model(config.model)
+  variables = face.init(jax.random.key(0), images, train=False)
+  logits, aux = face.apply(variables, images, train=False)
+  t_logits, t_embedding = bt.FaceNet(config.model).eval()(bt.to_torch(images, "cpu", nchw=True))
+  assert tuple(t_logits.shape) == logits.shape
+  assert tuple(t_embedding.shape) == aux["embedding"].shape
+  np.testing.assert_allclose(t_embedding.detach().norm(dim=-1).numpy(), 1.0, rtol=1e-5)
+
+  a = audio.get_config("tiny").audio
+  mel = rng.normal(size=(2, 96, 64)).astype(np.float32)
+  vgg = build.audio_model(a)
+  va, aux = vgg.apply(vgg.init(jax.random.key(0), mel), mel)
+  t_va, t_emb = bt.VGGish(a)(torch.from_numpy(mel))
+  assert (tuple(t_va.shape), tuple(t_emb.shape)) == (va.shape, aux["embedding"].shape)
+
+  dims = _dims(config)
+  feats = {m: rng.normal(size=(2, 7, d)).astype(np.float32) for m, d in dims.items()}
+  gru = build.fusion_model(config.fusion, MODALITIES)
+  lengths = np.full(2, 7, np.int32)
+  pred, _ = gru.apply(gru.init(jax.random.key(0), feats, lengths), feats, lengths)
+  t_pred = bt.FusionGRU(config.fusion, MODALITIES, dims).eval()(bt.to_torch(feats, "cpu"))
+  assert tuple(t_pred.shape) == pred.shape
+
+
+def test_peer_triplet_loss_is_ours():
+  rng = np.random.default_rng(1)
+  emb = rng.normal(size=(6, 3, 4)).astype(np.float32)
+  labels, margins = np.array([0, 1, 2, 2, 1, 0]), rng.uniform(0.1, 0.3, 6).astype(np.float32)
+  ours = losses.triplet_loss(emb, labels, margins)
+  theirs = bt._triplet_loss(torch.from_numpy(emb), torch.from_numpy(labels),
+                            torch.from_numpy(margins))
+  np.testing.assert_allclose(theirs.numpy(), ours, rtol=1e-5, atol=1e-6)
+
+
+def test_quick_run_writes_the_documented_json(tmp_path):
+  rows = ("fusion_train", "fusion_infer", "predict_fps")
+  out, table = tmp_path / "bench.json", tmp_path / "bench.md"
+  done = subprocess.run(
+      [sys.executable, "tools/benchmark.py", "--quick", f"--only={','.join(rows)}",
+       f"--out={out}", f"--markdown={table}"],
+      cwd=ROOT, capture_output=True, text=True, timeout=300, check=False)
+  assert done.returncode == 0, done.stderr[-3000:]
+  results = json.loads(out.read_text())
+  assert tuple(results) == rows
+  for name in ("fusion_train", "fusion_infer"):
+    row = results[name]
+    assert set(row) == {"jax", "torch", "ratio"}
+    for side in ("jax", "torch"):
+      assert row[side]["reps"] == 2 and row[side]["unit"] == "sequences/s"
+      assert 0 < row[side]["min"] <= row[side]["median"] <= row[side]["max"]
+    assert row["ratio"] == pytest.approx(row["jax"]["median"] / row["torch"]["median"])
+    assert row["jax"]["compile_s"] > 0
+  assert "--predict_export" in results["predict_fps"]["not_measured"]
+  markdown = table.read_text()
+  assert "| fusion_train |" in markdown and "Machine:" in done.stdout
+
+
+def test_unknown_row_is_refused():
+  with pytest.raises(ValueError, match="unknown rows.*face_train"):
+    benchmark.run(distill.get_config("tiny"), benchmark.Settings(peer=False), ("face_trian",))
