@@ -27,6 +27,7 @@ import ml_collections
 import numpy as np
 from PIL import Image
 
+from avemo_jax import hostmem
 from avemo_jax.data import affectnet, fec, pipeline, synthetic
 from avemo_jax.train import build, steps
 from avemo_jax.train import state as state_lib
@@ -275,6 +276,7 @@ def fusion_rows(config, s: Settings, peer: Peer | None) -> dict[str, dict]:
 def first_step(spec: dict[str, Any]) -> None:
   """In a fresh process (`first_step_seconds`): build the face network, initialise it, compile
   and run one teacher step, then print the wall-clock time."""
+  hostmem.keep_freed_memory()  # as avemo_jax.main does
   config = ml_collections.ConfigDict(spec["config"])
   model = build.face_model(config.model, dtype=config.dtype)
   stage = config.teacher

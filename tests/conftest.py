@@ -7,6 +7,9 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
                       str(pathlib.Path.home() / ".cache" / "avemo_jax_tests_xla"))
 
+from avemo_jax import hostmem  # noqa: E402
+
+hostmem.keep_freed_memory()  # as avemo_jax.main: XLA's CPU buffers are not re-faulted each call
 import jax  # noqa: E402
 import pytest  # noqa: E402
 from absl import flags  # noqa: E402

@@ -12,6 +12,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from avemo_jax.models.layers import Conv, max_pool
+
 NUM_FRAMES, NUM_BANDS = 96, 64  # one example: 0.96 s of 10 ms log-mel frames x 64 mel bands
 # (block name, convs, channels) of the full model.
 BLOCKS = (("conv1", 1, 64), ("conv2", 1, 128), ("conv3", 2, 256), ("conv4", 2, 512))
@@ -38,9 +40,9 @@ class VGGish(nn.Module):
     for block, convs, channels in BLOCKS:
       for i in range(convs):
         name = block if convs == 1 else f"{block}_{i + 1}"
-        x = nn.relu(nn.Conv(max(1, round(channels * self.width)), (3, 3), padding="SAME",
-                            dtype=self.dtype, name=name)(x))
-      x = nn.max_pool(x, (2, 2), strides=(2, 2))
+        x = nn.relu(Conv(max(1, round(channels * self.width)), (3, 3), padding="SAME",
+                         dtype=self.dtype, name=name)(x))
+      x = max_pool(x, (2, 2), (2, 2))
     x = x.reshape(x.shape[0], -1)  # NHWC flatten: [B, 6 * 4 * C]
     x = nn.relu(nn.Dense(self.fc_dim, dtype=self.dtype, name="fc1_1")(x))
     x = nn.relu(nn.Dense(self.fc_dim, dtype=self.dtype, name="fc1_2")(x))

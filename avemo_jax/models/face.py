@@ -10,6 +10,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from avemo_jax.models.layers import Conv
 from avemo_jax.models.inception_resnet import BN_EPSILON, BN_MOMENTUM, InceptionResnetV1
 
 
@@ -27,9 +28,9 @@ class DenseLayer(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
     y = nn.relu(_bn(self, train, "bn_0")(x))
-    y = nn.Conv(4 * self.growth, (1, 1), use_bias=False, dtype=self.dtype, name="conv_0")(y)
+    y = Conv(4 * self.growth, (1, 1), use_bias=False, dtype=self.dtype, name="conv_0")(y)
     y = nn.relu(_bn(self, train, "bn_1")(y))
-    return nn.Conv(self.growth, (3, 3), padding="SAME", use_bias=False, dtype=self.dtype,
+    return Conv(self.growth, (3, 3), padding="SAME", use_bias=False, dtype=self.dtype,
                    name="conv_1")(y)
 
 
@@ -61,12 +62,12 @@ class FaceHead(nn.Module):
 
   @nn.compact
   def __call__(self, x_BxhxwxC: jax.Array, *, train: bool) -> jax.Array:
-    x = nn.Conv(self.proj_features, (1, 1), use_bias=False, dtype=self.dtype,
+    x = Conv(self.proj_features, (1, 1), use_bias=False, dtype=self.dtype,
                 name="proj")(x_BxhxwxC)
     x = nn.relu(_bn(self, train, "proj_bn")(x))
     x = DenseBlock(self.dense_layers, self.growth, dtype=self.dtype, axis_name=self.axis_name,
                    name="dense")(x, train=train)
-    x = nn.Conv(self.feature_dim, (1, 1), use_bias=False, dtype=self.dtype, name="reduce")(x)
+    x = Conv(self.feature_dim, (1, 1), use_bias=False, dtype=self.dtype, name="reduce")(x)
     x = nn.relu(_bn(self, train, "reduce_bn")(x))
     # Pool in float32: a bf16 mean over many positions loses precision.
     return jnp.mean(x.astype(jnp.float32), axis=(1, 2))

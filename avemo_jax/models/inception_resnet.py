@@ -23,6 +23,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from avemo_jax.models.layers import Conv, max_pool
+
 # facenet-pytorch BatchNorm2d(eps=0.001, momentum=0.1); Flax's momentum is 1 - torch's.
 BN_MOMENTUM = 0.9
 BN_EPSILON = 1e-3
@@ -41,7 +43,7 @@ def _pad(p: Padding) -> tuple[tuple[int, int], tuple[int, int]]:
 
 def _max_pool(x: jax.Array) -> jax.Array:
   """torch MaxPool2d(3, stride=2): no padding, floor mode."""
-  return nn.max_pool(x, (3, 3), strides=(2, 2), padding="VALID")
+  return max_pool(x, (3, 3), (2, 2))
 
 
 class BasicConv2d(nn.Module):
@@ -55,7 +57,7 @@ class BasicConv2d(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
-    x = nn.Conv(self.features, self.kernel, strides=self.strides, padding=_pad(self.padding),
+    x = Conv(self.features, self.kernel, strides=self.strides, padding=_pad(self.padding),
                 use_bias=False, dtype=self.dtype, name="conv")(x)
     x = nn.BatchNorm(use_running_average=not train, momentum=BN_MOMENTUM, epsilon=BN_EPSILON,
                      dtype=self.dtype, axis_name=self.axis_name, name="bn")(x)
@@ -101,7 +103,7 @@ class _Residual(_Branchy):
   @nn.compact
   def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
     up = jnp.concatenate(self.branches(x, train=train), axis=-1)
-    up = nn.Conv(x.shape[-1], (1, 1), dtype=self.dtype, name="conv2d")(up)
+    up = Conv(x.shape[-1], (1, 1), dtype=self.dtype, name="conv2d")(up)
     x = x + self.scale * up
     return nn.relu(x) if self.relu else x
 

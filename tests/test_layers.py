@@ -1,0 +1,82 @@
+"""The CPU forms of convolution and max pooling (`models.layers`) against Flax's own layers,
+forward and gradients, over the kernel shapes, strides and paddings the networks use; and
+`hostmem`, which keeps XLA's freed buffers."""
+import os
+import subprocess
+import sys
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from avemo_jax.models import layers
+
+CONVS = [((3, 3), 1, "SAME"), ((3, 3), 2, "VALID"), ((3, 3), 2, ((1, 1), (1, 1))),
+         ((1, 7), 1, ((0, 0), (3, 3))), ((7, 1), 1, ((3, 3), (0, 0))), ((1, 1), 1, "SAME"),
+         ((1, 1), 2, "VALID"), ((3, 1), 1, ((1, 1), (0, 0)))]
+
+
+@pytest.mark.parametrize("kernel,stride,padding", CONVS)
+def test_conv_equals_flax_conv(kernel, stride, padding):
+  x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 11, 12, 5)), jnp.float32)
+  ours = layers.Conv(6, kernel, strides=stride, padding=padding)
+  flax_conv = nn.Conv(6, kernel, strides=stride, padding=padding)
+  variables = flax_conv.init(jax.random.key(1), x)
+  assert jax.tree.map(jnp.shape, ours.init(jax.random.key(1), x)) == jax.tree.map(
+      jnp.shape, variables)
+  loss = lambda module: lambda v, x: (module.apply(v, x) ** 2).sum()
+  np.testing.assert_allclose(jax.jit(ours.apply)(variables, x), flax_conv.apply(variables, x),
+                             atol=1e-5, rtol=1e-5)
+  ours_grad = jax.jit(jax.grad(loss(ours), argnums=(0, 1)))(variables, x)
+  flax_grad = jax.grad(loss(flax_conv), argnums=(0, 1))(variables, x)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-4, rtol=1e-4),
+               ours_grad, flax_grad)
+  with layers.portable():  # plain convolutions only, as the ONNX converter traces them
+    jaxpr = str(jax.make_jaxpr(ours.apply)(variables, x))
+  assert "platform_index" not in jaxpr
+
+
+@pytest.mark.parametrize("window,strides,shape", [((3, 3), (2, 2), (2, 15, 16, 4)),
+                                                  ((2, 2), (2, 2), (2, 12, 8, 3))])
+def test_max_pool_equals_flax_max_pool(window, strides, shape):
+  x = jnp.asarray(np.random.default_rng(0).normal(size=shape), jnp.float32)
+  want = nn.max_pool(x, window, strides=strides, padding="VALID")
+  np.testing.assert_array_equal(jax.jit(layers.max_pool, static_argnums=(1, 2))(x, window,
+                                                                              strides), want)
+  with layers.portable():
+    np.testing.assert_array_equal(layers.max_pool(x, window, strides), want)
+  # Without ties (continuous inputs) the gradients are the same.
+  grad = lambda f: jax.grad(lambda x: (f(x) ** 2).sum())(x)
+  np.testing.assert_allclose(grad(lambda x: layers.max_pool(x, window, strides)),
+                             grad(lambda x: nn.max_pool(x, window, strides=strides)), atol=1e-6)
+
+
+FAULTS = """
+import resource, jax, jax.numpy as jnp
+from avemo_jax import hostmem
+hostmem.keep_freed_memory()  # a no-op under AVEMO_KEEP_FREED_MEMORY=0
+x, w = jnp.ones((16, 69, 69, 32)), jnp.ones((3, 3, 32, 32))
+f = jax.jit(lambda x, w: jax.lax.conv_general_dilated(
+    x, w, (1, 1), "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC")).sum())
+jax.block_until_ready(f(x, w))
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(5):
+  jax.block_until_ready(f(x, w))
+print((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 5)
+"""
+
+
+@pytest.mark.parametrize("keep", ["0", "1"])
+def test_hostmem_keeps_freed_memory(keep):
+  """XLA's buffers of a convolution are page-faulted in anew each call unless freed memory is
+  kept (fresh processes: malloc settings are per process)."""
+  env = {**os.environ, "AVEMO_KEEP_FREED_MEMORY": keep, "XLA_FLAGS": ""}
+  done = subprocess.run([sys.executable, "-c", FAULTS], capture_output=True, text=True, env=env,
+                        check=True)
+  faults_per_call = float(done.stdout.split()[-1])
+  if keep == "1":
+    assert faults_per_call < 16, faults_per_call
+  else:
+    assert faults_per_call > 256, faults_per_call  # (if this fails, the check above means little)
