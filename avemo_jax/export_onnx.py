@@ -17,8 +17,6 @@ import jax
 import numpy as np
 from jax.extend import core as jax_core
 
-from avemo_jax.models import layers
-
 TOLERANCE = 1e-4  # largest |onnxruntime - JAX| accepted on the check inputs
 
 
@@ -36,6 +34,8 @@ def convert(path: pathlib.Path, fn: Callable, specs: dict[str, jax.ShapeDtypeStr
     return {"status": "skipped: jax2onnx / onnxruntime not installed (pip install '.[onnx]')"}
   import jax2onnx
   import onnxruntime
+
+  from avemo_jax.models import layers  # here: `avemo_jax.export.load` must not import Flax
   names = list(specs)
   try:
     flat_fn = lambda *xs: [fn(dict(zip(names, xs)))[o] for o in output_names]

@@ -56,8 +56,13 @@ def _face_state(config, stage, axis_name=None, seed=0, variables=None):
 def _assert_same(a, b):
   """Same parameters to float32 tolerance. Sums over the batch run in another order, and Adam's
   first updates are lr * g / (|g| + eps): a gradient entry near zero (float32 rounding noise)
-  can move by a fraction of the learning rate (1e-3 here), so atol is 1e-4."""
-  jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-3, atol=1e-4), a, b)
+  can move by a fraction of the learning rate (1e-3 here), so atol is 1e-4; an entry whose
+  gradient is pure rounding noise can move by up to 2 lr the other way, so one in a thousand
+  may differ by up to 2e-3 (a different batch would move most entries by ~lr)."""
+  def same(x, y):
+    off = np.abs(x - y) > 1e-4 + 1e-3 * np.abs(y)
+    assert off.mean() <= 1e-3 and np.abs(x - y).max() <= 2e-3, (off.mean(), np.abs(x - y).max())
+  jax.tree.map(same, a, b)
 
 
 @pytest.mark.parametrize("stage", ["teacher", "student"])

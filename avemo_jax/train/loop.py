@@ -119,6 +119,7 @@ def train(stage: Stage, state: state_lib.TrainState, workdir: pathlib.Path,
       data_wait += time.perf_counter() - t0
       if compiled is None:  # once, on the first batch: ahead of time, every process in step
         compiled = parallel.ready(step_fn, state, *step_args, batch)
+        window_start = time.perf_counter() - data_wait  # compilation is not throughput
       state, metrics = compiled(state, *step_args, batch)
       pending.append((step, metrics))
       last = step == cfg.num_steps
