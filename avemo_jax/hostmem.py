@@ -7,12 +7,17 @@ so the next step faults those pages in again and the kernel zero-fills them: the
 forward pass at batch 32 faulted 706 MB per call and ran at 65 images/s; with freed memory kept
 (no mmap'd blocks, no trimming, one arena), 0 MB and 98-104 images/s (2 EPYC cores, jax 0.10.2).
 jemalloc with decay disabled does the same (109 images/s) but needs LD_PRELOAD; this needs nothing.
-The cost: the process keeps its peak heap instead of returning it. Set AVEMO_KEEP_FREED_MEMORY=0
-to leave malloc as it is.
+The costs: the process keeps its peak heap instead of returning it, and one malloc arena for all
+threads slows allocation-heavy threads (Grain's synthetic faces: 307 -> 128 images/s per core,
+still ~5x the face train step's need; compilation: first step 36.8 -> 49.2 s cold). So it applies
+only where XLA computes on the CPU (no GPU/TPU plugin installed, or JAX_PLATFORMS=cpu); on an
+accelerator the buffers live in device memory. Set AVEMO_KEEP_FREED_MEMORY=0 to leave malloc as it
+is, =1 to tune it on any platform.
 """
 import ctypes
 import logging
 import os
+import pkgutil
 import sys
 
 # mallopt parameters (glibc malloc.h)
@@ -20,11 +25,23 @@ _M_TRIM_THRESHOLD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -4, -8
 _done = False
 
 
+def _computes_on_cpu() -> bool:
+  """Whether JAX will compute on the CPU, decided without starting a backend (which would
+  start the threads whose arenas the setting must precede)."""
+  platforms = os.environ.get("JAX_PLATFORMS", "")
+  if platforms:
+    return platforms.split(",")[0].strip() == "cpu"
+  return not any(m.name.startswith(("jax_cuda", "jax_rocm", "libtpu"))
+                 for m in pkgutil.iter_modules())
+
+
 def keep_freed_memory() -> bool:
   """Tunes glibc malloc to keep freed memory (call early, before the XLA backend starts its
-  threads); True where it applied. A no-op elsewhere (not Linux/glibc) or when switched off."""
+  threads); True where it applied. A no-op elsewhere (not Linux/glibc, an accelerator) or when
+  switched off (AVEMO_KEEP_FREED_MEMORY=0)."""
   global _done
-  if _done or os.environ.get("AVEMO_KEEP_FREED_MEMORY", "1") == "0":
+  setting = os.environ.get("AVEMO_KEEP_FREED_MEMORY", "auto")
+  if _done or setting == "0" or (setting != "1" and not _computes_on_cpu()):
     return _done
   if not sys.platform.startswith("linux"):
     return False
