@@ -40,7 +40,12 @@ def create(model: nn.Module, stage: ml_collections.ConfigDict, rng: jax.Array,
   """Initialises on example `inputs` (under jit: eager init of a big convnet is slow) or wraps
   given variables. Models without BatchNorm get empty `batch_stats`."""
   if variables is None:
-    variables = jax.jit(lambda r, xs: model.init(r, *xs, train=False))(rng, inputs)
+    # Run once: compiled without XLA's backend optimisations (full face network on 2 CPU cores:
+    # 8.7 -> 5.1 s to compile, 0.08 -> 0.49 s to run); inside a trace (eval_shape) a plain jit.
+    traced = any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves((rng, inputs)))
+    options = None if traced else {"xla_backend_optimization_level": 0}
+    variables = jax.jit(lambda r, xs: model.init(r, *xs, train=False),
+                        compiler_options=options)(rng, inputs)
   else:  # own buffers: the train step donates the state, and `variables` may be a teacher's
     variables = jax.tree.map(jnp.copy, variables)
   state = TrainState.create(apply_fn=model.apply, params=variables["params"],
