@@ -93,8 +93,11 @@ def test_talking_face_video(root, tmp_path):
   assert s["frames_without_face"] == (rows[:, 3] == 0).sum() == (~detected).sum()
   np.testing.assert_allclose(p.visual, visual, atol=1e-5, rtol=0)
   np.testing.assert_allclose(p.audio, audio, atol=1e-5, rtol=0)
-  np.testing.assert_allclose(p.valence_arousal, va, atol=1e-5, rtol=0)
-  np.testing.assert_allclose(rows[:, 1:3], va, atol=1e-5, rtol=0)
+  # The hand computation runs the extractors on whole arrays, predict in batches of 16: XLA's CPU
+  # matrix products round differently per batch size, and the GRU carries the ~1e-6 feature
+  # differences over the frames (seen: 1.06e-5 at frame 42 of 178).
+  np.testing.assert_allclose(p.valence_arousal, va, atol=5e-5, rtol=0)
+  np.testing.assert_allclose(rows[:, 1:3], va, atol=5e-5, rtol=0)
   assert np.ptp(va, axis=0).min() > 1e-3  # the predictions follow the frames
 
 
@@ -117,7 +120,7 @@ def test_silent_video_through_the_command_line(root, tmp_path):
   assert s["frames_without_face"] == (rows[:, 3] == 0).sum() > 0
   detected, _, _, va = _by_hand(root, video, "visual", with_audio=False)
   np.testing.assert_array_equal(rows[:, 3] == 1, detected)
-  np.testing.assert_allclose(rows[:, 1:3], va, atol=1e-5, rtol=0)
+  np.testing.assert_allclose(rows[:, 1:3], va, atol=5e-5, rtol=0)  # as above
 
 
 def test_images(root, tmp_path):
