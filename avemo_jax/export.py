@@ -105,18 +105,17 @@ def _audio(config, stage_dir: pathlib.Path):
 
 
 def _statistics(cache: pathlib.Path, modalities) -> tuple[dict[str, Any], dict[str, Any]]:
-  """Standardisation statistics of the training features, as `features.standardize` computes
-  them, and the cache's key (which names the extractors' fingerprints)."""
+  """Standardisation statistics of the training features (`features.statistics`, as
+  `features.standardize` uses them) and the cache's key (it names the extractors' fingerprints)."""
   if not cache.is_file():
     raise FileNotFoundError(
         f"{cache} not found: a fusion export takes the training features' standardisation "
         "statistics from it. Rerun the fusion stage (--config.stages='(\"fusion\",)' with "
         "--config.student_checkpoint and --config.audio_checkpoint) to write it.")
+  from avemo_jax.train import features
   with np.load(cache) as f:
-    valid = np.arange(f["labels"].shape[1])[None, :] < f["lengths"][:, None]
-    stats = {m: {"mean": f[m][valid].mean(0), "std": f[m][valid].std(0) + 1e-6}
-             for m in modalities}
-    return stats, json.loads(str(f["key"]))
+    split = {k: f[k] for k in (*modalities, "labels", "lengths")}
+    return features.statistics(split, modalities), json.loads(str(f["key"]))
 
 
 def _fusion(config, workdir: pathlib.Path, name: str):

@@ -56,15 +56,19 @@ def _matmul(x: jax.Array, w: jax.Array, precision, preferred_element_type) -> ja
                          preferred_element_type=preferred_element_type)
 
 
+def _taps(x: jax.Array, window: tuple[int, int], strides: tuple[int, int]) -> list[jax.Array]:
+  """The kh*kw strided slices of NHWC x, one per window position (no padding)."""
+  (kh, kw), (sh, sw), (b, h, w, c) = window, strides, x.shape
+  ho, wo = (h - kh) // sh + 1, (w - kw) // sw + 1
+  return [lax.slice(x, (0, i, j, 0), (b, i + (ho - 1) * sh + 1, j + (wo - 1) * sw + 1, c),
+                    (1, sh, sw, 1)) for i in range(kh) for j in range(kw)]
+
+
 def _im2col(x: jax.Array, w: jax.Array, *, strides, pads, precision,
             preferred_element_type) -> jax.Array:
   """2-D NHWC x HWIO convolution as one matrix product over the concatenated taps."""
   kh, kw, c, k = w.shape
-  x = jnp.pad(x, [(0, 0), *pads, (0, 0)])
-  (sh, sw), (b, h, wd, _) = strides, x.shape
-  ho, wo = (h - kh) // sh + 1, (wd - kw) // sw + 1
-  taps = [lax.slice(x, (0, i, j, 0), (b, i + (ho - 1) * sh + 1, j + (wo - 1) * sw + 1, c),
-                    (1, sh, sw, 1)) for i in range(kh) for j in range(kw)]
+  taps = _taps(jnp.pad(x, [(0, 0), *pads, (0, 0)]), (kh, kw), tuple(strides))
   return _matmul(jnp.concatenate(taps, axis=-1), w.reshape(kh * kw * c, k), precision,
                  preferred_element_type)
 
@@ -98,11 +102,7 @@ Conv: Any = functools.partial(nn.Conv, conv_general_dilated=conv_general_dilated
 
 
 def _slice_max_pool(x: jax.Array, window: tuple[int, int], strides: tuple[int, int]) -> jax.Array:
-  (kh, kw), (sh, sw), (b, h, w, c) = window, strides, x.shape
-  ho, wo = (h - kh) // sh + 1, (w - kw) // sw + 1
-  taps = [lax.slice(x, (0, i, j, 0), (b, i + (ho - 1) * sh + 1, j + (wo - 1) * sw + 1, c),
-                    (1, sh, sw, 1)) for i in range(kh) for j in range(kw)]
-  return functools.reduce(jnp.maximum, taps)
+  return functools.reduce(jnp.maximum, _taps(x, window, strides))
 
 
 def max_pool(x: jax.Array, window: tuple[int, int], strides: tuple[int, int]) -> jax.Array:

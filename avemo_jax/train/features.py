@@ -67,15 +67,22 @@ def extract(recordings, *, face_fn: Callable, audio_fn: Callable, batch: int,
   return {**{k: pad(v).astype(np.float32) for k, v in out.items()}, "lengths": lengths}
 
 
+def statistics(split: dict[str, np.ndarray], modalities: tuple[str, ...]
+               ) -> dict[str, dict[str, np.ndarray]]:
+  """{modality: {"mean", "std"}} per dimension over the valid (unpadded) frames of `split`."""
+  valid = np.arange(split["labels"].shape[1])[None, :] < split["lengths"][:, None]
+  return {m: {"mean": split[m][valid].mean(0), "std": split[m][valid].std(0) + 1e-6}
+          for m in modalities}
+
+
 def standardize(splits: dict[str, dict[str, np.ndarray]], modalities: tuple[str, ...],
                 reference: str = "train") -> dict[str, dict[str, np.ndarray]]:
   """Per-dimension zero mean / unit variance of each modality, with the statistics of the valid
   frames of `reference`; padded frames stay zero. Returns new dicts (inputs untouched)."""
-  ref = splits[reference]
-  valid = np.arange(ref["labels"].shape[1])[None, :] < ref["lengths"][:, None]
+  stats = statistics(splits[reference], modalities)
   out = {name: dict(split) for name, split in splits.items()}
   for m in modalities:
-    mean, std = ref[m][valid].mean(0), ref[m][valid].std(0) + 1e-6
+    mean, std = stats[m]["mean"], stats[m]["std"]
     for name, split in splits.items():
       mask = np.arange(split[m].shape[1])[None, :, None] < split["lengths"][:, None, None]
       out[name][m] = np.where(mask, (split[m] - mean) / std, 0.0).astype(np.float32)
