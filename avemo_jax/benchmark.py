@@ -313,10 +313,11 @@ def first_step_rows(config, s: Settings) -> dict[str, float]:
 
 def _pipeline_row(config, sources: pipeline.Sources, s: Settings) -> dict[str, Any]:
   """Images/s per core of the teacher stage's training iterator (rendering or decoding,
-  augmentation, batching), over `pipeline_batches` consecutive batches a rep."""
+  augmentation, batching; in `data.workers` processes of `data.num_threads` threads), over
+  `pipeline_batches` consecutive batches a rep."""
   iterator = pipeline.train_iterator(config, "teacher", sources, seed=0)
   images = config.teacher.batch_faces + 3 * config.teacher.batch_triplets
-  used = min(config.data.num_threads, cores())
+  used = min(max(config.data.workers, 1) * config.data.num_threads, cores())
 
   def run():
     for _ in range(s.pipeline_batches):

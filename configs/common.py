@@ -28,8 +28,11 @@ def data_config(tiny: bool) -> ml_collections.ConfigDict:
   d.flip = True  # random horizontal flip
   d.colour_jitter = 0.2  # max relative brightness / contrast / saturation change
   d.eval_batch = 24 if tiny else 48  # images per evaluation batch (divisible by 3)
-  d.num_threads = 2  # Grain read threads
+  d.num_threads = 2  # Grain read threads (per worker process, or in this process with none)
   d.prefetch = 4  # batches prefetched by Grain
+  # Grain worker processes preparing training batches beside the step (0: threads of this
+  # process, which share its GIL with the step's dispatch; the synthetic renderer is Python-heavy).
+  d.workers = 0 if tiny else 1
   return d
 
 

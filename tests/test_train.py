@@ -1,4 +1,5 @@
 """The training steps and the loop on `:tiny` configs: gradients, compilation, end to end, resume."""
+import contextlib
 import functools
 import json
 import shutil
@@ -63,6 +64,25 @@ def test_distill_step_compiles_once_and_leaves_teacher_unchanged(setup):
   assert int(state.step) == 3 and np.isfinite(float(metrics["loss"]))
   assert set(dict(cfg.loss)) <= set(metrics)  # every weighted term is logged
   jax.tree.map(np.testing.assert_array_equal, before, jax.tree.map(np.asarray, teacher_vars))
+
+
+def test_worker_processes_give_the_same_batches_and_resume():
+  """`data.workers` Grain processes: the batches of in-process reading, in order, and an iterator
+  state that survives the checkpoint's JSON round trip."""
+  config = _tiny(distill)
+  sources = pipeline.make_sources(config.data, config.seed)
+  runs = {}
+  for workers in (0, 2):
+    config.data.workers = workers
+    with contextlib.closing(pipeline.train_iterator(config, "student", sources, seed=0)) as batches:
+      first = [next(batches) for _ in range(3)]
+      state = json.loads(json.dumps(batches.get_state()))
+      rest = [next(batches) for _ in range(2)]
+    with contextlib.closing(pipeline.train_iterator(config, "student", sources, seed=0)) as resumed:
+      resumed.set_state(state)
+      jax.tree.map(np.testing.assert_array_equal, rest, [next(resumed) for _ in range(2)])
+    runs[workers] = first + rest
+  jax.tree.map(np.testing.assert_array_equal, runs[0], runs[2])
 
 
 def test_tiny_distill_end_to_end(tmp_path):

@@ -112,14 +112,18 @@ def train(stage: Stage, state: state_lib.TrainState, workdir: pathlib.Path,
   schedule = state_lib.schedule(cfg)
   skipped = 0  # non-finite steps skipped since this process started the stage
   pending, checked, data_wait, window_start = [], 0, 0.0, time.perf_counter()
-  with _sigterm_flag() as sigterm:
+  # Grain's worker processes and threads end with the stage, however it ends.
+  closing = contextlib.closing if hasattr(stage.batches, "close") else contextlib.nullcontext
+  with closing(stage.batches), _sigterm_flag() as sigterm:
     for step in range(start + 1, cfg.num_steps + 1):
       t0 = time.perf_counter()
       batch = parallel.batch(next(stage.batches))
       data_wait += time.perf_counter() - t0
       if compiled is None:  # once, on the first batch: ahead of time, every process in step
         compiled = parallel.ready(step_fn, state, *step_args, batch)
-        window_start = time.perf_counter() - data_wait  # compilation is not throughput
+        logging.info("[%s] start-up: first batch after %.1fs, step compiled in %.1fs",
+                     stage.name, data_wait, time.perf_counter() - t0 - data_wait)
+        window_start, data_wait = time.perf_counter(), 0.0  # start-up is not throughput
       state, metrics = compiled(state, *step_args, batch)
       pending.append((step, metrics))
       last = step == cfg.num_steps
