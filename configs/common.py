@@ -30,8 +30,9 @@ def data_config(tiny: bool) -> ml_collections.ConfigDict:
   d.eval_batch = 24 if tiny else 48  # images per evaluation batch (divisible by 3)
   d.num_threads = 2  # Grain read threads (per worker process, or in this process with none)
   d.prefetch = 4  # batches prefetched by Grain
-  # Grain worker processes preparing training batches beside the step (0: threads of this
-  # process, which share its GIL with the step's dispatch; the synthetic renderer is Python-heavy).
+  # Grain worker processes preparing face and audio training batches beside the step (0: threads
+  # of this process, sharing its GIL with the step's dispatch; the synthetic renderers are
+  # Python-heavy). The fusion stage's windows are always read in this process.
   d.workers = 0 if tiny else 1
   return d
 
