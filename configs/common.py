@@ -33,7 +33,7 @@ def data_config(tiny: bool) -> ml_collections.ConfigDict:
   # Grain worker processes preparing face and audio training batches beside the step (0: threads
   # of this process, sharing its GIL with the step's dispatch; the synthetic renderers are
   # Python-heavy). The fusion stage's windows are always read in this process.
-  d.workers = 0 if tiny else 1
+  d.workers = 0 if tiny else 2
   return d
 
 
