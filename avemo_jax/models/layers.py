@@ -108,7 +108,7 @@ def _cpu_conv_bwd(strides, pads, precision, preferred_element_type, residuals, d
       lambda x: _xla_conv(x, w, strides, pads, precision, preferred_element_type), x)
   cols = _cols(x, w.shape[:2], strides, pads)
   # dy^T cols, not cols^T dy: the matrix product transposes its left operand, dy being the
-  # narrower (for 67x67x32 -> 64 the transpose took 34 ms instead of ~10).
+  # narrower (67x67x32 -> 64 in the teacher step: 34 ms to transpose the columns, 3 ms dy).
   dw_t = lax.dot_general(dy, cols, (((0, 1, 2), (0, 1, 2)), ((), ())), precision=precision,
                          preferred_element_type=preferred_element_type)
   return transpose(dy)[0], dw_t.T.reshape(w.shape).astype(w.dtype)
