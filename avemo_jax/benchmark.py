@@ -251,8 +251,11 @@ def fusion_rows(config, s: Settings, peer: Peer | None) -> dict[str, dict]:
   batch = {m: rng.normal(size=(b, t, d)).astype(np.float32) for m, d in dims.items()}
   batch.update(labels=rng.uniform(-1, 1, (b, t, 2)).astype(np.float32),
                lengths=np.full(b, t, np.int32))
-  step = functools.partial(steps.fusion_step, weights=dict(stage.loss), seed=0)
-  train, train_info = _jax_train(model, stage, build.fusion_inputs(dims), step, batch)
+  # As in training, the step cuts its windows (here whole sequences) from the recordings.
+  windows = {"recording": np.arange(b, dtype=np.int32), "start": np.zeros(b, np.int32)}
+  step = lambda state, table_windows: steps.fusion_step(state, *table_windows, frames=t,
+                                                        weights=dict(stage.loss), seed=0)
+  train, train_info = _jax_train(model, stage, build.fusion_inputs(dims), step, (batch, windows))
   variables = model.init(jax.random.key(1), *build.fusion_inputs(dims))
   features = {m: batch[m] for m in modalities}
   infer, infer_info = _jax_infer(lambda v, x, n: model.apply(v, x, n)[0], variables, features,

@@ -182,6 +182,26 @@ def test_gru_matches_torch(gru_setup):
     np.testing.assert_allclose(hidden[b, :n], out[b, :n].detach().numpy(), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("frames", [4, 9])
+def test_windows_are_the_recordings_frames_then_zeros(frames):
+  """Windows cut on the device equal slices of the recordings, zero from a recording's end on
+  (also when the window is longer than the recordings: frames=9)."""
+  rng = np.random.default_rng(0)
+  table = {"audio": rng.normal(size=(3, 7, 2)).astype(np.float32),
+           "labels": rng.normal(size=(3, 7, 2)).astype(np.float32),
+           "lengths": np.array([7, 3, 5], np.int32)}
+  recording, start = np.array([0, 1, 2, 0, 2]), np.array([3, 0, 1, 0, 0]) * (frames == 4)
+  got = jax.jit(steps.windows, static_argnums=2)(table, {"recording": recording, "start": start},
+                                                 frames)
+  for i, (r, s) in enumerate(zip(recording, start)):
+    n = min(frames, table["lengths"][r])
+    assert got["lengths"][i] == n
+    for key in ("audio", "labels"):
+      want = np.zeros((frames, 2), np.float32)
+      want[:n] = table[key][r, s:s + n]
+      np.testing.assert_array_equal(got[key][i], want)
+
+
 def test_fusion_learns_on_synthetic_features():
   """A GRU reaches dev CCC > 0.8 on features that carry smoothed valence/arousal plus noise."""
   rng = np.random.default_rng(0)
@@ -198,10 +218,10 @@ def test_fusion_learns_on_synthetic_features():
   train, dev = make(16), make(4)
   model = build.fusion_model(cfg, ("audio",))
   state = state_lib.create(model, cfg.train, jax.random.key(0), build.fusion_inputs({"audio": 8}))
-  step = jax.jit(functools.partial(steps.fusion_step, weights={"ccc": 1.0}, seed=0))
+  step = jax.jit(functools.partial(steps.fusion_step, frames=60, weights={"ccc": 1.0}, seed=0))
   for i in range(cfg.train.num_steps):
-    idx = rng.integers(0, 16, 4)
-    state, _ = step(state, {k: v[idx] for k, v in train.items()})
+    windows = {"recording": rng.integers(0, 16, 4), "start": rng.integers(0, 61, 4)}
+    state, _ = step(state, train, windows)
   assert step._cache_size() == 1
   pred, _ = model.apply(state.variables, dev, dev["lengths"])
   report = metrics.ccc_report(list(np.asarray(pred)), list(dev["labels"]))

@@ -101,19 +101,20 @@ def _fusion_setup():
   cfg.dropout = 0.0  # pmap draws its own dropout masks per device (see steps.fusion_step)
   model = build.fusion_model(cfg, ("audio",))
   state = state_lib.create(model, cfg.train, jax.random.key(0), build.fusion_inputs({"audio": 8}))
-  batches = pipeline.chunk_iterator(_features(16), seed=0, batch=cfg.train.batch, frames=40,
+  table = _features(16)
+  batches = pipeline.chunk_iterator(table["lengths"], seed=0, batch=cfg.train.batch, frames=40,
                                     data=config.data)
-  step = functools.partial(steps.fusion_step, weights={"ccc": 1.0, "mse": 1.0}, seed=0)
-  return config, state, step, batches
+  step = functools.partial(steps.fusion_step, frames=40, weights={"ccc": 1.0, "mse": 1.0}, seed=0)
+  return config, state, step, (table,), batches
 
 
 def test_fusion_step_agrees_on_1_and_8_devices_and_under_pmap():
-  config, state, step, batches = _fusion_setup()
+  config, state, step, args, batches = _fusion_setup()
   batches = [next(batches) for _ in range(STEPS)]
   results = {}
   for name, par in (("1", _one_device()), ("8", parallel.DataParallel("jit")),
                     ("pmap", parallel.DataParallel("pmap"))):
-    results[name], traces = _train(par, step, state, (), batches)
+    results[name], traces = _train(par, step, state, args, batches)
     assert traces == 1, name
   _assert_same(results["8"], results["1"])
   _assert_same(results["pmap"], results["1"])
@@ -126,10 +127,10 @@ def test_checkpoint_resumes_on_another_number_of_devices(tmp_path, written, resu
   par = {1: _one_device(), 8: parallel.DataParallel("jit")}
 
   def run(workdir, devices):
-    config, state, step, batches = _fusion_setup()
+    config, state, step, args, batches = _fusion_setup()
     cfg = config.fusion.train
     cfg.num_steps, cfg.checkpoint_every, cfg.log_every, cfg.eval_every = 6, 3, 3, 0
-    stage = loop.Stage(name="fusion", config=cfg, step=step, step_args=(), batches=batches,
+    stage = loop.Stage(name="fusion", config=cfg, step=step, step_args=args, batches=batches,
                        evaluate=lambda s: {})
     final, _ = loop.train(stage, state, workdir, max_checkpoints=2, parallel=par[devices])
     return config, state, jax.device_get(final.params)

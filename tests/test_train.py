@@ -85,6 +85,20 @@ def test_worker_processes_give_the_same_batches_and_resume():
   jax.tree.map(np.testing.assert_array_equal, runs[0], runs[2])
 
 
+def test_small_datasets_come_in_equal_shares_in_a_new_order_every_pass():
+  """9 recordings, drawn as blocks of 112 shuffled copies of each (Grain's shuffle is slow on
+  small datasets): every recording equally often per block, in another order in each block."""
+  config = _tiny(distill)
+  lengths = np.full(9, 100, np.int32)
+  with contextlib.closing(pipeline.chunk_iterator(lengths, seed=0, batch=8, frames=10,
+                                                  data=config.data)) as batches:
+    drawn = np.concatenate([next(batches)["recording"] for _ in range(2 * 1008 // 8)])
+  first, second = drawn[:1008], drawn[1008:]
+  for block in (first, second):
+    np.testing.assert_array_equal(np.bincount(block, minlength=9), np.full(9, 112))
+  assert not np.array_equal(first, second) and len(set(map(tuple, first.reshape(-1, 9)))) > 100
+
+
 def test_tiny_distill_end_to_end(tmp_path):
   summary = stages.run(_tiny(distill), tmp_path)
   for stage in ("teacher", "student"):

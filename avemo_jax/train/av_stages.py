@@ -141,9 +141,10 @@ def _fusion_stage(config, workdir: pathlib.Path, summary, par, write_summary, st
     train = {k: feats["train"][k] for k in (*modalities, "labels", "lengths")}
     stage = loop.Stage(
         name=f"fusion/{name}", config=cfg,
-        step=functools.partial(steps.fusion_step, weights=dict(cfg.loss), seed=config.seed),
-        step_args=(),
-        batches=pipeline.chunk_iterator(train, seed=config.seed, batch=cfg.batch,
+        step=functools.partial(steps.fusion_step, frames=config.fusion.chunk_frames,
+                               weights=dict(cfg.loss), seed=config.seed),
+        step_args=(train,),  # on the device, whole; the batches say which windows to train on
+        batches=pipeline.chunk_iterator(train["lengths"], seed=config.seed, batch=cfg.batch,
                                         frames=config.fusion.chunk_frames, data=config.data),
         evaluate=evaluate)
     dims = {m: train[m].shape[-1] for m in modalities}

@@ -166,11 +166,31 @@ def audio_step(state: TrainState, batch: Mapping[str, Any], *, weights: Mapping[
   return _regression_update(state, forward, batch["labels"], mask, weights, axis_name)
 
 
-def fusion_step(state: TrainState, batch: Mapping[str, Any], *, weights: Mapping[str, float],
-                seed: int, axis_name: str | None = None) -> tuple[TrainState, Metrics]:
-  """Fusion GRU on {"visual"/"audio" BxTxD, "lengths" B, "labels" BxTx2}; padded frames
-  (t >= length) are left out of the loss. Dropout's key is the seed folded with the step (under
-  pmap each device draws its own masks: statistically, not bitwise, the jit run's)."""
+def windows(table: Mapping[str, jax.Array], batch: Mapping[str, jax.Array], frames: int
+            ) -> dict[str, jax.Array]:
+  """The `frames`-long windows of whole recordings that a fusion step trains on, cut on the
+  device: `table` holds one [R, T, D] array per modality, "labels" [R, T, 2] and "lengths" [R];
+  `batch` the "recording" and "start" [B] of each window. Returns {"<modality>"/"labels" BxFxD,
+  "lengths" B}, zero from a recording's end on (and its "lengths" entry saying where that is)."""
+  lengths = jnp.minimum(table["lengths"][batch["recording"]], frames)
+  valid = jnp.arange(frames)[None, :, None] < lengths[:, None, None]
+
+  def cut(x: jax.Array) -> jax.Array:
+    if x.shape[1] < frames:  # every recording shorter than a window
+      x = jnp.pad(x, [(0, 0), (0, frames - x.shape[1])] + [(0, 0)] * (x.ndim - 2))
+    one = lambda r, start: jax.lax.dynamic_slice_in_dim(x[r], start, frames)
+    return jnp.where(valid, jax.vmap(one)(batch["recording"], batch["start"]), 0)
+
+  return {**{k: cut(v) for k, v in table.items() if k != "lengths"}, "lengths": lengths}
+
+
+def fusion_step(state: TrainState, table: Mapping[str, jax.Array], batch: Mapping[str, Any], *,
+                frames: int, weights: Mapping[str, float], seed: int,
+                axis_name: str | None = None) -> tuple[TrainState, Metrics]:
+  """Fusion GRU on the windows `batch` picks from the recordings in `table` (`windows`); padded
+  frames (t >= length) are left out of the loss. Dropout's key is the seed folded with the step
+  (under pmap each device draws its own masks: statistically, not bitwise, the jit run's)."""
+  batch = windows(table, batch, frames)
   b, t = batch["labels"].shape[:2]
   mask_N = (jnp.arange(t)[None, :] < batch["lengths"][:, None]).reshape(-1)
   rng = jax.random.fold_in(jax.random.key(seed), state.step)
