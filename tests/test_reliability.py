@@ -92,7 +92,8 @@ def test_nonfinite_skip_counts_and_finishes(tmp_path):
 
 class _TermAt:
   """Wraps a checkpointable iterator and sends this process SIGTERM while producing the
-  batch of step `at` (the signal lands mid-step, as a real preemption would)."""
+  batch of step `at` (the signal lands mid-step, as a real preemption would). The loop's
+  prefetch thread reads ahead, so the loop is then at one of the steps `preempted_steps(at)`."""
 
   def __init__(self, inner, at: int):
     self.inner, self.at, self.calls = inner, at, 0
@@ -110,6 +111,10 @@ class _TermAt:
     self.inner.set_state(state)
 
 
+def _preempted_steps(at: int) -> range:
+  return range(at - loop.PREFETCH - 1, at + 1)  # the batches queued, one more being put
+
+
 def test_sigterm_checkpoints_and_resume_equals_uninterrupted(tmp_path):
   cfg = _config(checkpoint_every=100)  # only the final and the preemption checkpoints
   reference, _ = _train(tmp_path / "ref", cfg, poison=False)
@@ -117,9 +122,9 @@ def test_sigterm_checkpoints_and_resume_equals_uninterrupted(tmp_path):
   batches = _TermAt(iter(examples.batch(4).to_iter_dataset()), at=5)
   with pytest.raises(loop.Preempted) as info:
     _train(tmp_path / "run", cfg, poison=False, batches=batches)
-  assert info.value.code == 143 and info.value.step == 5
+  assert info.value.code == 143 and info.value.step in _preempted_steps(5)
   assert signal.getsignal(signal.SIGTERM) is not None  # the loop put the old handler back
-  assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["5"]
+  assert [p.name for p in (tmp_path / "run" / "checkpoints").iterdir()] == [str(info.value.step)]
   resumed, _ = _train(tmp_path / "run", cfg, poison=False)
   jax.tree.map(np.testing.assert_array_equal, resumed.params, reference.params)
   jax.tree.map(np.testing.assert_array_equal, resumed.opt_state, reference.opt_state)
@@ -129,17 +134,19 @@ def test_corrupt_newest_checkpoint_resumes_from_the_previous_one(tmp_path, caplo
   cfg = _config(checkpoint_every=4)
   reference, _ = _train(tmp_path / "ref", cfg, poison=False)
   examples = grain.MapDataset.range(200).map(lambda i: _example(int(i) + 1000))
-  with pytest.raises(loop.Preempted):  # checkpoints 4, 8 and 10
+  with pytest.raises(loop.Preempted) as info:  # checkpoints 4, 8 and the preemption's (9-12)
     _train(tmp_path / "run", cfg, poison=False,
-           batches=_TermAt(iter(examples.batch(4).to_iter_dataset()), at=10))
-  newest = tmp_path / "run" / "checkpoints" / "10"
+           batches=_TermAt(iter(examples.batch(4).to_iter_dataset()), at=12))
+  step = info.value.step
+  assert step in _preempted_steps(12)
+  newest = tmp_path / "run" / "checkpoints" / str(step)
   files = [p for p in (newest / "state").rglob("*") if p.is_file()]
   assert files
   for p in files:
     p.write_bytes(b"\x00garbage" * 3)
   resumed, _ = _train(tmp_path / "run", cfg, poison=False)  # from step 8, with a warning
-  assert "checkpoint step 10" in caplog.text and "resuming from step 8" in caplog.text
-  assert (tmp_path / "run" / "checkpoints" / "10.unreadable").is_dir()
+  assert f"checkpoint step {step}" in caplog.text and "resuming from step 8" in caplog.text
+  assert (tmp_path / "run" / "checkpoints" / f"{step}.unreadable").is_dir()
   jax.tree.map(np.testing.assert_array_equal, resumed.params, reference.params)
 
 

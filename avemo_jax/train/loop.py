@@ -44,6 +44,9 @@ class Stage:
   evaluate: Callable[[state_lib.TrainState], dict[str, Any]]
 
 
+PREFETCH = 2  # batches on the devices ahead of the step
+
+
 class Preempted(SystemExit):
   """Raised after the preemption checkpoint is written: exit status 143 (128 + SIGTERM)."""
 
@@ -72,6 +75,23 @@ def _sigterm_flag():
     yield flag
   finally:
     signal.signal(signal.SIGTERM, previous)
+
+
+class _Placed:
+  """`batches`, each put on the devices by `put`, for Grain's thread prefetch (which keeps the
+  state after each batch it hands out: checkpoints store the loop's position, not the thread's)."""
+
+  def __init__(self, batches: grain.DatasetIterator, put: Callable[[Any], Any]):
+    self.batches, self.put = batches, put
+
+  def __next__(self) -> Any:
+    return self.put(next(self.batches))
+
+  def get_state(self) -> dict[str, Any]:
+    return self.batches.get_state()
+
+  def set_state(self, state: dict[str, Any]) -> None:
+    self.batches.set_state(state)
 
 
 def _check_finite(stage: Stage, steps: list[int], host: list[dict[str, Any]],
@@ -112,12 +132,15 @@ def train(stage: Stage, state: state_lib.TrainState, workdir: pathlib.Path,
   schedule = state_lib.schedule(cfg)
   skipped = 0  # non-finite steps skipped since this process started the stage
   pending, checked, data_wait, window_start = [], 0, 0.0, time.perf_counter()
+  # The next batches are read and put on the devices by a thread while the step runs.
+  batches = grain.experimental.ThreadPrefetchDatasetIterator(
+      _Placed(stage.batches, parallel.batch), prefetch_buffer_size=PREFETCH)
   # Grain's worker processes and threads end with the stage, however it ends.
   closing = contextlib.closing if hasattr(stage.batches, "close") else contextlib.nullcontext
-  with closing(stage.batches), _sigterm_flag() as sigterm:
+  with closing(stage.batches), contextlib.closing(batches), _sigterm_flag() as sigterm:
     for step in range(start + 1, cfg.num_steps + 1):
       t0 = time.perf_counter()
-      batch = parallel.batch(next(stage.batches))
+      batch = next(batches)
       data_wait += time.perf_counter() - t0
       if compiled is None:  # once, on the first batch: ahead of time, every process in step
         compiled = parallel.ready(step_fn, state, *step_args, batch)
@@ -153,7 +176,7 @@ def train(stage: Stage, state: state_lib.TrainState, workdir: pathlib.Path,
           writer.write(step, result)
         window_start = time.perf_counter()  # evaluation time is not training throughput
       if save or preempted:
-        checkpoints.save(step, state, stage.batches)
+        checkpoints.save(step, state, batches)
       if preempted and not last:
         checkpoints.close()
         if writer:
