@@ -4,6 +4,7 @@ import functools
 import json
 import math
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -13,7 +14,7 @@ from jax.test_util import check_grads
 from avemo_jax import losses, metrics
 from avemo_jax.data import sequences
 from avemo_jax.models.audio import VGGish
-from avemo_jax.models.fusion import FusionGRU
+from avemo_jax.models.fusion import GRU, FusionGRU
 from avemo_jax.train import build, stages, steps
 from avemo_jax.train import state as state_lib
 from configs import common, fusion
@@ -161,6 +162,25 @@ def test_padding_does_not_change_valid_frames(gru_setup):
   padded, _ = model.apply(variables, {"audio": garbage}, np.array([7, 4]))
   np.testing.assert_allclose(np.asarray(padded)[1, :4], np.asarray(alone)[0], rtol=1e-5, atol=1e-6)
   np.testing.assert_allclose(np.asarray(padded)[1, :4], pred[1, :4], rtol=1e-5, atol=1e-6)
+
+
+def test_gru_is_flax_gru_cell_with_the_input_projections_hoisted():
+  """Same parameter names, initial values (same RNG paths) and outputs as nn.RNN(nn.GRUCell)."""
+  class Ours(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      return GRU(6, name="gru")(x)
+
+  class Flax(nn.Module):  # as FusionGRU built its GRUs before
+    @nn.compact
+    def __call__(self, x):
+      return nn.RNN(nn.GRUCell(6, name="gru"), name="rnn")(x)
+
+  x = np.random.default_rng(0).normal(size=(3, 9, 5)).astype(np.float32)
+  ours, flax_rnn = Ours(), Flax()
+  mine, theirs = ours.init(jax.random.key(0), x), flax_rnn.init(jax.random.key(0), x)
+  jax.tree.map(np.testing.assert_array_equal, mine, theirs)
+  np.testing.assert_allclose(ours.apply(mine, x), flax_rnn.apply(mine, x), rtol=1e-6, atol=1e-6)
 
 
 def test_gru_matches_torch(gru_setup):
