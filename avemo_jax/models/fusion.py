@@ -64,14 +64,15 @@ class FusionGRU(nn.Module):
   modality this is exactly a single-modality GRU model. level "feature": the features are
   concatenated and feed `num_layers` (>= 1) GRU layers. Measured on the synthetic recordings
   (README): the feature-level GRU fits the training people through whichever modality is easier
-  and trails audio alone on arousal; model level beats both single modalities on both dimensions.
+  and trails audio alone on arousal; model level beats both single modalities on valence, and on
+  arousal in the mean of 5 seeds (not in every run).
 
-  `lengths_B` is not needed by the forward-in-time GRUs (see below); it is part of the interface
-  that exported models and callers share. Features are expected standardised per dimension (the frozen extractors' features live on
+  Features are expected standardised per dimension (the frozen extractors' features live on
   different scales; `avemo_jax.train.features.standardize` does it with training-set statistics:
   a per-frame LayerNorm would erase the feature magnitude, which carries intensity). Frames at
-  t >= length are padding: the GRU runs forward in time, so outputs at t < length never depend
-  on them; outputs at t >= length are meaningless and callers mask them out.
+  t >= length are padding: the GRUs run forward in time, so outputs at t < length never depend
+  on them; outputs at t >= length are meaningless and callers mask them out (`lengths_B` is
+  not needed to compute them; exported models and callers share this interface).
   """
   modalities: Sequence[str] = MODALITIES
   hidden: int = 128
