@@ -1,8 +1,10 @@
 """Faults: non-finite steps stop (or are skipped) and change nothing; SIGTERM checkpoints at the
-next step boundary and the resumed run ends where an uninterrupted one does."""
+next step boundary and the resumed run ends where an uninterrupted one does; the logged data wait
+is the time the devices sat idle for want of a batch."""
 import json
 import os
 import signal
+import time
 
 import flax.linen as nn
 import grain
@@ -47,10 +49,10 @@ def _config(**overrides):
   return cfg
 
 
-def _train(workdir, cfg, *, poison=True, batches=None):
+def _train(workdir, cfg, *, poison=True, batches=None, step=_toy_step):
   examples = grain.MapDataset.range(200).map(
       lambda i: _example(int(i) if poison else int(i) + 1000))
-  stage = loop.Stage(name="toy", config=cfg, step=_toy_step, step_args=(),
+  stage = loop.Stage(name="toy", config=cfg, step=step, step_args=(),
                      batches=batches or iter(examples.batch(4).to_iter_dataset()),
                      evaluate=lambda s: {})
   state = state_lib.create(_Linear(), cfg, jax.random.key(0), (jnp.zeros((1, 3)),))
@@ -90,13 +92,27 @@ def test_nonfinite_skip_counts_and_finishes(tmp_path):
   assert all(np.isfinite(l["loss"]) for l in logged)
 
 
-class _TermAt:
+class _Wrapped:
+  """A checkpointable iterator around another, whose state it keeps."""
+
+  def __init__(self, inner):
+    self.inner = inner
+
+  def get_state(self):
+    return self.inner.get_state()
+
+  def set_state(self, state):
+    self.inner.set_state(state)
+
+
+class _TermAt(_Wrapped):
   """Wraps a checkpointable iterator and sends this process SIGTERM while producing the
   batch of step `at` (the signal lands mid-step, as a real preemption would). The loop's
   prefetch thread reads ahead, so the loop is then at one of the steps `preempted_steps(at)`."""
 
   def __init__(self, inner, at: int):
-    self.inner, self.at, self.calls = inner, at, 0
+    super().__init__(inner)
+    self.at, self.calls = at, 0
 
   def __next__(self):
     self.calls += 1
@@ -104,11 +120,41 @@ class _TermAt:
       os.kill(os.getpid(), signal.SIGTERM)
     return next(self.inner)
 
-  def get_state(self):
-    return self.inner.get_state()
 
-  def set_state(self, state):
-    self.inner.set_state(state)
+class _Slow(_Wrapped):
+  """Wraps a checkpointable iterator: each batch takes `seconds` to read."""
+
+  def __init__(self, inner, seconds: float):
+    super().__init__(inner)
+    self.seconds = seconds
+
+  def __next__(self):
+    time.sleep(self.seconds)
+    return next(self.inner)
+
+
+def _busy_step(products: int):
+  """`_toy_step` after `products` 512x512 matrix products on the device (~1 ms each on a CPU core)."""
+  def step(state, batch, axis_name=None):
+    m = jnp.eye(512) + 1e-3 * jnp.mean(batch["x"])
+    m = jax.lax.fori_loop(0, products, lambda _, m: jnp.tanh(m @ m), m)
+    state, metrics = _toy_step(state, batch, axis_name)
+    return state, {**metrics, "busy": jnp.mean(m)}
+  return step
+
+
+@pytest.mark.parametrize("read_s, products, low, high", [
+    (0.05, 0, 0.6, 1.0),  # the pipeline is the bottleneck
+    (0.04, 150, 0.0, 0.03),  # the main thread runs ahead and waits (7%), the devices do not
+])
+def test_data_wait_is_the_devices_idle_time(tmp_path, read_s, products, low, high):
+  examples = grain.MapDataset.range(200).map(lambda i: _example(int(i) + 1000))
+  batches = _Slow(iter(examples.batch(4).to_iter_dataset()), read_s)
+  _train(tmp_path, _config(checkpoint_every=100), batches=batches, step=_busy_step(products))
+  lines = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+  waits = [l["data_wait_frac"] for l in lines if "data_wait_frac" in l]
+  assert len(waits) == 3, lines  # the first window drains the batches read during compilation:
+  assert all(low <= w <= high for w in waits[1:]), waits
 
 
 def _preempted_steps(at: int) -> range:

@@ -141,7 +141,11 @@ def train(stage: Stage, state: state_lib.TrainState, workdir: pathlib.Path,
     for step in range(start + 1, cfg.num_steps + 1):
       t0 = time.perf_counter()
       batch = next(batches)
-      data_wait += time.perf_counter() - t0
+      waited = time.perf_counter() - t0
+      # The main thread usually runs steps ahead of the devices: waiting for a batch counts only
+      # if they had finished the last step dispatched (an upper bound on their idle time).
+      if not pending or jax.tree.leaves(pending[-1][1])[0].is_ready():
+        data_wait += waited
       if compiled is None:  # once, on the first batch: ahead of time, every process in step
         compiled = parallel.ready(step_fn, state, *step_args, batch)
         logging.info("[%s] start-up: first batch after %.1fs, step compiled in %.1fs",
