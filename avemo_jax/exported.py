@@ -16,9 +16,11 @@ directory holds:
 `model(x)` or `model(images=x)` returns {output name: array}; `model.variables` may be replaced by
 other weights of the same shapes (e.g. another run's student) without re-exporting.
 """
+import functools
 import json
 import pathlib
 import struct
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -86,11 +88,19 @@ def unflatten(flat: dict[str, Any]) -> dict[str, Any]:
   return tree
 
 
+@functools.lru_cache(maxsize=16)
+def _function(path: pathlib.Path, stamp: tuple[int, int]) -> tuple[Any, Callable]:
+  """The serialised function at `path` and its jit, once per process while the file's (mtime,
+  size) `stamp` holds: models loaded again (a video after another) reuse the compiled programs."""
+  exported = jax.export.deserialize(bytearray(path.read_bytes()))
+  return exported, jax.jit(exported.call)
+
+
 class Model:
   """An export directory, ready to call: `model(*inputs, **named_inputs) -> {name: array}`.
 
   Inputs are cast to the manifest's dtype (uint8 face pixels to float32 is exact) and their
-  shapes checked against it; the function is jit-compiled once per input shape.
+  shapes checked against it; the function is jit-compiled once per input shape and process.
   """
 
   def __init__(self, directory: str | pathlib.Path, kind: str | None = None):
@@ -108,9 +118,9 @@ class Model:
                        f"{examples.get(kind, 'another export')}")
     flat, _ = read_safetensors(self.directory / VARIABLES)
     self.variables = unflatten({k: jnp.asarray(v) for k, v in flat.items()})
-    blob = bytearray((self.directory / FUNCTION).read_bytes())
-    self.exported = jax.export.deserialize(blob)
-    self._call = jax.jit(self.exported.call)
+    function = (self.directory / FUNCTION).resolve()
+    stat = function.stat()
+    self.exported, self._call = _function(function, (stat.st_mtime_ns, stat.st_size))
 
   @property
   def config(self) -> dict[str, Any]:

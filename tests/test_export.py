@@ -5,6 +5,7 @@ jax2onnx is installed."""
 import importlib.util
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -38,6 +39,7 @@ def test_export_load_evaluate(tiny_run, tmp_path):
                 for p in (workdir / "export").rglob("manifest.json")) == sorted(MODELS)
   assert not list((workdir / "export").rglob(".*"))  # the temporary directories were renamed
   _check_manifests(workdir)
+  _check_reload(workdir, tmp_path / "reload")
   _check_fresh_process(config, workdir)
   _check_evaluation(workdir, summary, tmp_path / "evaluation")
   _check_onnx(workdir)
@@ -45,6 +47,17 @@ def test_export_load_evaluate(tiny_run, tmp_path):
 
 def _manifest(workdir, name):
   return json.loads((workdir / "export" / name / "manifest.json").read_text())
+
+
+def _check_reload(workdir, tmp_path):
+  """Loading an export again reuses its compiled function (not its variables) until it changes."""
+  copy = shutil.copytree(workdir / "export" / "student", tmp_path)
+  first, again = exported.load(copy), exported.load(copy)
+  assert again._call is first._call and again.variables is not first.variables
+  x = np.zeros((2, 80, 80, 3), np.uint8)
+  np.testing.assert_array_equal(first(x)["logits"], again(x)["logits"])
+  os.utime(copy / exported.FUNCTION, ns=(0, 0))  # as if written anew
+  assert exported.load(copy)._call is not first._call
 
 
 def _check_manifests(workdir):

@@ -17,7 +17,7 @@ import soxr
 from PIL import Image
 
 import media_fixtures as mf
-from avemo_jax import export, exported, predict
+from avemo_jax import benchmark, export, exported, predict
 from avemo_jax.data import audio_features, faces, media
 
 SPEECH = pathlib.Path(__file__).resolve().parent / "reference" / "arctic_a0007.wav"
@@ -99,6 +99,18 @@ def test_talking_face_video(root, tmp_path):
   np.testing.assert_allclose(p.valence_arousal, va, atol=5e-5, rtol=0)
   np.testing.assert_allclose(rows[:, 1:3], va, atol=5e-5, rtol=0)
   assert np.ptp(va, axis=0).min() > 1e-3  # the predictions follow the frames
+
+
+def test_benchmark_times_videos_after_the_first_without_reloading(root, tmp_path):
+  video = tmp_path / "short.mp4"
+  mf.write_video(video, (f for f, _ in mf.moving_face(50)), 25)  # 2 s, silent
+  loaded = exported._function.cache_info()
+  row = benchmark.predict_row(benchmark.Settings(
+      reps=2, warmup=1, predict_export=str(root), predict_video=str(video)))["jax"]
+  assert row["frames"] == 51 and row["reps"] == 2 and row["unit"] == "frames/s"
+  assert row["min"] > 0 and row["first_call_s"] > 0
+  now = exported._function.cache_info()  # 2 models (student, fusion/visual) a call, 3 calls
+  assert now.hits - loaded.hits >= 4 and now.misses - loaded.misses <= 2
 
 
 def test_silent_video_through_the_command_line(root, tmp_path):
