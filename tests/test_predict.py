@@ -17,7 +17,7 @@ import soxr
 from PIL import Image
 
 import media_fixtures as mf
-from avemo_jax import benchmark, export, exported, predict
+from avemo_jax import benchmark_common, benchmark_host, export, exported, predict
 from avemo_jax.data import audio_features, faces, media
 
 SPEECH = pathlib.Path(__file__).resolve().parent / "reference" / "arctic_a0007.wav"
@@ -105,7 +105,7 @@ def test_benchmark_times_videos_after_the_first_without_reloading(root, tmp_path
   video = tmp_path / "short.mp4"
   mf.write_video(video, (f for f, _ in mf.moving_face(50)), 25)  # 2 s, silent
   loaded = exported._function.cache_info()
-  row = benchmark.predict_row(benchmark.Settings(
+  row = benchmark_host.predict_row(benchmark_common.Settings(
       reps=2, warmup=1, predict_export=str(root), predict_video=str(video)))["jax"]
   assert row["frames"] == 51 and row["reps"] == 2 and row["unit"] == "frames/s"
   assert row["min"] > 0 and row["first_call_s"] > 0
