@@ -53,7 +53,7 @@ def _stats(values: list[float], unit: str) -> dict[str, Any]:
 
 
 def alternate(runs: dict[str, Callable[[], None]], items: int, unit: str, s: Settings
-               ) -> dict[str, Any]:
+              ) -> dict[str, Any]:
   """{name: throughput stats} over alternating reps of each run (items per rep / seconds), with
   "ratio" = JAX median / torch median when both ran."""
   seconds = {name: [] for name in runs}
