@@ -176,10 +176,11 @@ def windows(table: Mapping[str, jax.Array], batch: Mapping[str, jax.Array], fram
   valid = jnp.arange(frames)[None, :, None] < lengths[:, None, None]
 
   def cut(x: jax.Array) -> jax.Array:
-    if x.shape[1] < frames:  # every recording shorter than a window
-      x = jnp.pad(x, [(0, 0), (0, frames - x.shape[1])] + [(0, 0)] * (x.ndim - 2))
-    one = lambda r, start: jax.lax.dynamic_slice_in_dim(x[r], start, frames)
-    return jnp.where(valid, jax.vmap(one)(batch["recording"], batch["start"]), 0)
+    n = min(frames, x.shape[1])  # every recording may be shorter than a window: pad the windows
+    one = lambda r, start: jax.lax.dynamic_slice_in_dim(x[r], start, n)
+    w = jnp.pad(jax.vmap(one)(batch["recording"], batch["start"]),
+                [(0, 0), (0, frames - n)] + [(0, 0)] * (x.ndim - 2))
+    return jnp.where(valid, w, 0)
 
   return {**{k: cut(v) for k, v in table.items() if k != "lengths"}, "lengths": lengths}
 
