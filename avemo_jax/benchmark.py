@@ -7,10 +7,12 @@ torch is installed) runs in the same process on the same batch, alternating with
 (JAX, torch, JAX, ...) so that both see the same machine load; torch gets as many threads as
 there are cores, which is what XLA's CPU client uses. Each rep is one step (or one pipeline
 window); the first `warmup` reps are not counted. JAX runs on one device. The rows without a
-peer (first step, input pipelines, prediction) are in `benchmark_host`; what all rows share
-(settings, timing) in `benchmark_common`.
+peer (first step, input pipelines, prediction) are in `benchmark_host`, imported only when one
+of them is asked for (the model rows need none of the data stack: Grain, tfds, PyAV, librosa);
+what all rows share (settings, timing) in `benchmark_common`.
 """
 import functools
+import importlib
 import time
 from collections.abc import Callable
 from typing import Any
@@ -19,7 +21,6 @@ import jax
 import ml_collections
 import numpy as np
 
-from avemo_jax import benchmark_host as host
 from avemo_jax.benchmark_common import Settings, alternate, cores, face_batch, machine
 from avemo_jax.train import build, steps
 from avemo_jax.train import state as state_lib
@@ -39,11 +40,14 @@ PEAK_FLOPS = {"h100": (494.7e12, 989.4e12), "h200": (494.7e12, 989.4e12),
 
 def _compiled(fn: Callable, *args, donate: bool) -> tuple[Callable, dict[str, float]]:
   """`fn` jitted and compiled ahead of time for `args`, with its compile time and XLA's count
-  of floating-point operations per call."""
+  of floating-point operations per call. The count is the lowered program's: after compilation
+  for a GPU the convolutions are cuDNN custom calls that XLA counts as 0 FLOPs (an H200 run
+  counted a quarter of the face train step's operations)."""
   start = time.perf_counter()
-  compiled = jax.jit(fn, donate_argnums=0 if donate else ()).lower(*args).compile()
+  lowered = jax.jit(fn, donate_argnums=0 if donate else ()).lower(*args)
+  compiled = lowered.compile()
   info = {"compile_s": time.perf_counter() - start}
-  cost = compiled.cost_analysis()
+  cost = lowered.cost_analysis()
   cost = cost[0] if isinstance(cost, list) else cost
   if cost and cost.get("flops"):
     info["gflop_per_call"] = float(cost["flops"]) / 1e9
@@ -209,15 +213,17 @@ def run(config: ml_collections.ConfigDict, s: Settings, only: tuple[str, ...] = 
   if unknown:
     raise ValueError(f"unknown rows {sorted(unknown)}; choose from {ROWS}")
   peer = Peer(config.dtype) if s.peer else None
+  host = lambda: importlib.import_module("avemo_jax.benchmark_host")
   groups = (({"face_train", "face_infer"}, lambda: face_rows(config, s, peer)),
             ({"audio_train"}, lambda: audio_rows(config, s, peer)),
             ({"fusion_train", "fusion_infer"}, lambda: fusion_rows(config, s, peer)),
-            ({"first_step_cold_s", "first_step_warm_s"}, lambda: host.first_step_rows(config, s)),
+            ({"first_step_cold_s", "first_step_warm_s"},
+             lambda: host().first_step_rows(config, s)),
             ({"pipeline_synthetic_per_core"},
-             lambda: {"pipeline_synthetic_per_core": host.synthetic_pipeline_row(config, s)}),
+             lambda: {"pipeline_synthetic_per_core": host().synthetic_pipeline_row(config, s)}),
             ({"pipeline_arrayrecord_per_core"},
-             lambda: {"pipeline_arrayrecord_per_core": host.arrayrecord_pipeline_row(config, s)}),
-            ({"predict_fps"}, lambda: {"predict_fps": host.predict_row(s)}))
+             lambda: {"pipeline_arrayrecord_per_core": host().arrayrecord_pipeline_row(config, s)}),
+            ({"predict_fps"}, lambda: {"predict_fps": host().predict_row(s)}))
   results = {}
   for names, measure in groups:
     if names & set(only):

@@ -15,6 +15,7 @@ from typing import Any
 
 import jax
 import ml_collections
+import tensorflow_datasets as tfds
 from PIL import Image
 
 from avemo_jax import hostmem
@@ -117,6 +118,7 @@ def _write_manual(root: pathlib.Path, config, faces: int, triplets: int) -> None
 def arrayrecord_pipeline_row(config, s: Settings) -> dict[str, Any]:
   """The same iterator over AffectNet + FEC faces prepared (JPEG in ArrayRecord) by the project's
   builders into a temporary data_dir: read, decode, augment, batch."""
+  tfds.disable_progress_bar()
   with tempfile.TemporaryDirectory() as tmp:
     root, size, margin = pathlib.Path(tmp), config.data.image_size, config.data.crop_margin
     _write_manual(root, config, faces=64, triplets=32)

@@ -110,6 +110,16 @@ def test_quick_run_writes_the_documented_json(tmp_path):
   assert "| fusion_train |" in markdown and "Machine:" in done.stdout
 
 
+def test_model_rows_need_no_data_stack():
+  """An accelerator machine may have JAX and torch but not Grain, tfds, PyAV or librosa: the model
+  rows' modules import none of them (the host rows import them when asked for)."""
+  code = ("import sys; from avemo_jax import benchmark, benchmark_torch; from configs import distill;"
+          "print(sorted({'grain', 'tensorflow_datasets', 'av', 'librosa'} & set(sys.modules)))")
+  done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                        timeout=120, check=True)
+  assert done.stdout.strip() == "[]"
+
+
 def test_unknown_row_is_refused():
   with pytest.raises(ValueError, match="unknown rows.*face_train"):
     benchmark.run(distill.get_config("tiny"), benchmark.Settings(peer=False), ("face_trian",))

@@ -14,7 +14,7 @@ from jax.test_util import check_grads
 from avemo_jax import losses, metrics
 from avemo_jax.data import sequences
 from avemo_jax.models.audio import VGGish
-from avemo_jax.models.fusion import GRU, FusionGRU
+from avemo_jax.models.fusion import GRU, FusionGRU, scan_grus
 from avemo_jax.train import build, stages, steps
 from avemo_jax.train import state as state_lib
 from configs import common, fusion
@@ -181,6 +181,27 @@ def test_gru_is_flax_gru_cell_with_the_input_projections_hoisted():
   mine, theirs = ours.init(jax.random.key(0), x), flax_rnn.init(jax.random.key(0), x)
   jax.tree.map(np.testing.assert_array_equal, mine, theirs)
   np.testing.assert_allclose(ours.apply(mine, x), flax_rnn.apply(mine, x), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("unroll,together", [(0, None), (1, True), (4, True), (3, False)])
+def test_grus_run_together_or_alone_and_unrolled_alike(unroll, together):
+  """`scan_grus` (model level runs the modalities' GRUs through it): each GRU's states equal it
+  run alone, in one shared loop or not, whatever the unroll."""
+  rng = np.random.default_rng(0)
+  xs = [rng.normal(size=(2, 9, d)).astype(np.float32) for d in (5, 3)]
+  grus = [GRU(6, name=f"g{i}") for i in range(2)]
+  variables = [g.init(jax.random.key(i), x) for i, (g, x) in enumerate(zip(grus, xs))]
+  recurrences = [g.apply(v, x, scan=False) for g, v, x in zip(grus, variables, xs)]
+  hs = scan_grus(recurrences, unroll, together)
+  for g, v, x, h in zip(grus, variables, xs, hs):
+    np.testing.assert_allclose(h, g.apply(v, x), rtol=1e-6, atol=1e-6)
+  features = dict(zip(("visual", "audio"), xs))
+  model = FusionGRU(hidden=6, unroll=unroll)
+  variables = model.init(jax.random.key(0), features, np.array([9, 9]))
+  _, aux = model.apply(variables, features, np.array([9, 9]))
+  for i, m in enumerate(model.modalities):
+    alone = GRU(6).apply({"params": variables["params"][f"gru_{m}"]}, features[m])
+    np.testing.assert_allclose(aux["hidden"][..., 6 * i:6 * (i + 1)], alone, rtol=1e-6, atol=1e-6)
 
 
 def test_gru_matches_torch(gru_setup):

@@ -17,7 +17,6 @@ import json
 import pathlib
 import sys
 
-import tensorflow_datasets as tfds
 from absl import app, flags, logging
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # `configs` importable
@@ -64,7 +63,6 @@ def main(argv):
       pipeline_batches=2 if quick else benchmark.Settings.pipeline_batches,
       predict_export=_PREDICT_EXPORT.value, predict_video=_PREDICT_VIDEO.value,
       peer=_PEER.value == "on" or (_PEER.value == "auto" and has_torch))
-  tfds.disable_progress_bar()  # the ArrayRecord row prepares a small data set
   logging.info("benchmark: %s", settings)
   results = benchmark.run(config, settings, tuple(_ONLY.value))
   table = f"Machine: {benchmark.machine()}\n\n{benchmark.markdown(results)}"

@@ -42,7 +42,8 @@ def audio_inputs() -> tuple[jax.Array]:
 
 def fusion_model(f: ml_collections.ConfigDict, modalities: tuple[str, ...]) -> fusion.FusionGRU:
   return fusion.FusionGRU(modalities=modalities, hidden=f.hidden, num_layers=f.num_layers,
-                          dropout=f.dropout, modality_dropout=f.modality_dropout, level=f.level)
+                          dropout=f.dropout, modality_dropout=f.modality_dropout, level=f.level,
+                          unroll=f.get("unroll", 0))  # configs saved before it had unroll
 
 
 def fusion_inputs(dims: dict[str, int]) -> tuple[dict[str, jax.Array], jax.Array]:
