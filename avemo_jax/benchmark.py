@@ -212,6 +212,9 @@ def run(config: ml_collections.ConfigDict, s: Settings, only: tuple[str, ...] = 
   unknown = set(only) - set(ROWS)
   if unknown:
     raise ValueError(f"unknown rows {sorted(unknown)}; choose from {ROWS}")
+  config = config.copy_and_resolve_references()
+  with config.unlocked():
+    config.dtype = build.dtype_name(config.dtype)  # "auto" -> what it means on this backend
   peer = Peer(config.dtype) if s.peer else None
   host = lambda: importlib.import_module("avemo_jax.benchmark_host")
   groups = (({"face_train", "face_infer"}, lambda: face_rows(config, s, peer)),

@@ -14,7 +14,7 @@ def data_config(tiny: bool) -> ml_collections.ConfigDict:
   d.data_dir = ""  # tfds: the --data_dir the prepare tools wrote to
   d.affectnet_classes = 8  # tfds: 8 (codes 0-7) or 7 (Contempt left out; set model.num_classes=7)
   d.unlabelled = "folder"  # tfds: "folder" (prepare_unlabelled.py) or "affectnet" (its train faces)
-  d.crop_margin = 0.1  # tfds: the --margin the faces were prepared with (and image_size: --image_size)
+  d.crop_margin = 0.1  # tfds: prepared with this --margin (and image_size with --image_size)
   d.clip_stride = 5  # tfds, audio stage: every k-th RECOLA label frame is a training clip (dev: 5k)
   d.image_size = 80 if tiny else 140  # face crop side in pixels (the paper uses 140)
   d.num_train_faces = 512 if tiny else 20_000  # labelled AffectNet-style training faces
@@ -147,9 +147,10 @@ def parallel_config() -> ml_collections.ConfigDict:
 def base_config(tiny: bool) -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.seed = 0  # one seed for data, init and augmentation
-  # Computation dtype of the face and audio networks ("float32" or "bfloat16"); parameters,
-  # optimizer state, BatchNorm statistics and losses stay float32.
-  c.dtype = "float32"
+  # Computation dtype of the face and audio networks: "auto" (bfloat16 on GPU/TPU, float32 on
+  # CPU), "float32" or "bfloat16"; parameters, optimizer state, BatchNorm statistics and losses
+  # stay float32.
+  c.dtype = "auto"
   c.parallel = parallel_config()
   c.data = data_config(tiny)
   c.model = model_config(tiny)

@@ -113,7 +113,8 @@ def test_quick_run_writes_the_documented_json(tmp_path):
 def test_model_rows_need_no_data_stack():
   """An accelerator machine may have JAX and torch but not Grain, tfds, PyAV or librosa: the model
   rows' modules import none of them (the host rows import them when asked for)."""
-  code = ("import sys; from avemo_jax import benchmark, benchmark_torch; from configs import distill;"
+  code = ("import sys; from avemo_jax import benchmark, benchmark_torch;"
+          "from configs import distill;"
           "print(sorted({'grain', 'tensorflow_datasets', 'av', 'librosa'} & set(sys.modules)))")
   done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
                         timeout=120, check=True)

@@ -11,6 +11,7 @@ import pytest
 
 from avemo_jax.models.face import FaceNet
 from avemo_jax.models.inception_resnet import InceptionResnetV1
+from avemo_jax.train import build
 
 TINY = dict(width=0.25, depth=(1, 1, 1), proj_features=32, dense_layers=2, growth=8,
             feature_dim=16)
@@ -73,6 +74,14 @@ def test_face_head_param_count():
   assert count(params["head"]) == head
   assert count(params["embedding"]) == 128 * 32 + 32
   assert count(params["logits"]) == 128 * 8 + 8
+
+
+def test_auto_dtype_is_bfloat16_on_accelerators_only(monkeypatch):
+  assert build.dtype_name("auto") == "float32" and build.dtype_name("bfloat16") == "bfloat16"
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  assert build.compute_dtype("auto") == jnp.bfloat16 and build.dtype_name("float32") == "float32"
+  with pytest.raises(ValueError, match=r"config.dtype='bf16': choose from \('auto'"):
+    build.dtype_name("bf16")
 
 
 def test_bfloat16_keeps_float32_params_and_outputs():

@@ -34,8 +34,9 @@ _FACE_BATCH = flags.DEFINE_integer("face_batch", 32, "Face images per step.")
 _AUDIO_BATCH = flags.DEFINE_integer("audio_batch", 32, "Log-mel examples per step.")
 _FUSION_BATCH = flags.DEFINE_integer("fusion_batch", 8, "Sequences per fusion step.")
 _FRAMES = flags.DEFINE_integer("frames", 750, "Frames per fusion sequence (25 a second).")
-_DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"],
-                           "Computation dtype of the face and audio networks (config.dtype).")
+_DTYPE = flags.DEFINE_enum("dtype", "auto", ["auto", "float32", "bfloat16"],
+                           "Computation dtype of the face and audio networks (config.dtype; "
+                           "auto: bfloat16 on GPU/TPU, float32 on CPU).")
 _PEER = flags.DEFINE_enum("peer", "auto", ["auto", "on", "off"], "Time the PyTorch peer: 'auto' "
                           "when torch is installed, 'on' (it must be), 'off'.")
 _PREDICT_EXPORT = flags.DEFINE_string("predict_export", "", "predict_fps: an export directory "

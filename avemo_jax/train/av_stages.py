@@ -100,7 +100,7 @@ def _features(config, workdir: pathlib.Path, student_variables, audio_variables
             "crop_margin": config.data.crop_margin}
   else:
     data = {"seed": config.seed, "generator": sequences.VERSION, "sequences": seq.to_dict()}
-  key = {**data, "image_size": size, "dtype": config.dtype,
+  key = {**data, "image_size": size, "dtype": build.dtype_name(config.dtype),
          "student": features.fingerprint(student_variables),
          "audio": features.fingerprint(audio_variables)}
   out = {}

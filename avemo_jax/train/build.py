@@ -6,15 +6,23 @@ import ml_collections
 from avemo_jax.models import audio, face, fusion
 
 
-DTYPES = ("float32", "bfloat16")
+DTYPES = ("auto", "float32", "bfloat16")
+
+
+def dtype_name(name: str) -> str:
+  """config.dtype resolved: "auto" is bfloat16 on GPU and TPU (H200: README, speed) and float32
+  on CPU (where bfloat16 gained nothing). float16 is not offered: it would need loss scaling,
+  which bfloat16 (float32's exponent range) does not."""
+  if name not in DTYPES:
+    raise ValueError(f"config.dtype={name!r}: choose from {DTYPES}")
+  if name == "auto":
+    return "float32" if jax.default_backend() == "cpu" else "bfloat16"
+  return name
 
 
 def compute_dtype(name: str) -> jnp.dtype:
-  """config.dtype -> the networks' computation dtype. float16 is not offered: it would need loss
-  scaling, which bfloat16 (float32's exponent range) does not."""
-  if name not in DTYPES:
-    raise ValueError(f"config.dtype={name!r}: choose from {DTYPES}")
-  return jnp.dtype(name)
+  """config.dtype -> the networks' computation dtype (`dtype_name`)."""
+  return jnp.dtype(dtype_name(name))
 
 
 def face_model(m: ml_collections.ConfigDict, *, dtype: str = "float32",
