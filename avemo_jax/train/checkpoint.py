@@ -30,6 +30,7 @@ class Checkpoints:
               step: int | None = None) -> TrainState:
     """Restores into `state`'s structure (and `iterator` in place); latest step by default."""
     step = self.latest_step() if step is None else step
+    self._check_fits(state, step)
     items = {"state": ocp.args.StandardRestore(state)}
     if iterator is not None:
       items["data"] = ocp.args.JsonRestore()
@@ -38,6 +39,24 @@ class Checkpoints:
       iterator.set_state(restored["data"])
     logging.info("restored step %d from %s", step, self.manager.directory)
     return restored["state"]
+
+  def _check_fits(self, state: TrainState, step: int) -> None:
+    """Raises ValueError naming the arrays that differ when `state` does not have the saved
+    state's arrays (names and shapes), before any is read: Orbax left the reads of a restore
+    that failed on a shape pending, to end in errors whenever they were garbage-collected."""
+    path = pathlib.Path(self.manager.directory) / str(step) / "state"
+    saved = _shapes(ocp.StandardCheckpointHandler().metadata(path))
+    ours = _shapes(state)
+    if saved == ours:
+      return
+    missing, extra = sorted(set(saved) - set(ours)), sorted(set(ours) - set(saved))
+    shapes = [f"{k} {saved[k]} saved, {ours[k]} here"
+              for k in ours if saved.get(k, ours[k]) != ours[k]]
+    problems = [f"{what} {items[:3]}" for what, items in (("saved, not here:", missing),
+                                                           ("here, not saved:", extra),
+                                                           ("other shapes:", shapes)) if items]
+    raise ValueError(f"checkpoint {path} does not fit this state ({len(saved)} arrays saved, "
+                     f"{len(ours)} here): " + "; ".join(problems))
 
   def restore_newest(self, state: TrainState, iterator: grain.DatasetIterator | None
                      ) -> tuple[TrainState, int]:
@@ -76,6 +95,13 @@ class Checkpoints:
   def close(self) -> None:
     self.manager.wait_until_finished()
     self.manager.close()
+
+
+def _shapes(tree) -> dict[str, tuple[int, ...]]:
+  """{dotted path: shape} of a state's arrays, or of Orbax's metadata of a saved one."""
+  name = lambda k: str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k))))
+  return {".".join(map(name, path)): tuple(getattr(leaf, "shape", ()))
+          for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
 
 
 def load_variables(path: str, template: TrainState, what: str) -> dict[str, Any]:
