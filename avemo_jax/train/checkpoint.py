@@ -99,8 +99,7 @@ class Checkpoints:
 
 def _shapes(tree) -> dict[str, tuple[int, ...]]:
   """{dotted path: shape} of a state's arrays, or of Orbax's metadata of a saved one."""
-  name = lambda k: str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k))))
-  return {".".join(map(name, path)): tuple(getattr(leaf, "shape", ()))
+  return {jax.tree_util.keystr(path, simple=True, separator="."): tuple(getattr(leaf, "shape", ()))
           for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
 
 
