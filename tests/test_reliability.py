@@ -72,6 +72,21 @@ def test_a_nonfinite_step_changes_nothing():
   assert float(metrics["nonfinite"]) == 0.0 and int(after.step) == 1
 
 
+def test_a_finite_loss_with_a_nonfinite_gradient_changes_nothing():
+  def sqrt_step(state, batch):  # d sqrt(r^2) / dr at r = 0 is 0/0
+    def loss_fn(params):
+      pred = state.apply_fn({"params": params}, batch["x"])
+      return jnp.mean(jnp.sqrt(jnp.square(pred - batch["y"]))), (state.batch_stats, {})
+    return steps._apply_gradients(state, loss_fn)
+  state = state_lib.create(_Linear(), _config(), jax.random.key(0), (jnp.zeros((1, 3)),))
+  x = np.ones((4, 3), np.float32)
+  y = np.asarray(state.apply_fn({"params": state.params}, x))
+  after, metrics = jax.jit(sqrt_step)(state, {"x": x, "y": y})
+  assert np.isfinite(float(metrics["loss"])) and not np.isfinite(float(metrics["grad_norm"]))
+  assert float(metrics["nonfinite"]) == 1.0
+  jax.tree.map(np.testing.assert_array_equal, after, state)
+
+
 def test_nonfinite_stops_naming_step_terms_and_last_good_checkpoint(tmp_path):
   with pytest.raises(loop.NonFiniteError) as info:
     _train(tmp_path, _config())

@@ -74,11 +74,15 @@ def _apply_gradients(state: TrainState, loss_fn: Callable, axis_name: str | None
   (loss, (batch_stats, metrics)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
   if axis_name is not None:
     grads = jax.lax.pmean(grads, axis_name)
-  updated = state.apply_gradients(grads=grads, batch_stats=batch_stats)
-  grad_norm, param_norm = optax.tree.norm(grads), optax.tree.norm(updated.params)
   # A non-finite step leaves everything as it was (params, BatchNorm statistics, optimizer and
-  # step count); the loop stops or counts it (config on_nonfinite).
-  finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(param_norm)
+  # step count); the loop stops or counts it (config on_nonfinite). A finite loss and gradient
+  # norm imply a finite AdamW update (from finite parameters), and a flag known before the update
+  # lets XLA fuse the choice into it: checking the new parameters' norm as well cost a second
+  # pass over parameters and moments (CPU, face network: 50-90 -> 51-59 ms for the update).
+  grad_norm = optax.tree.norm(grads)
+  finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+  updated = state.apply_gradients(grads=grads, batch_stats=batch_stats)
+  param_norm = optax.tree.norm(updated.params)
   state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), updated, state)
   metrics = {**metrics, "loss": loss, "grad_norm": grad_norm, "param_norm": param_norm,
              "nonfinite": 1.0 - finite.astype(jnp.float32)}
