@@ -191,6 +191,21 @@ def test_sigterm_checkpoints_and_resume_equals_uninterrupted(tmp_path):
   jax.tree.map(np.testing.assert_array_equal, resumed.opt_state, reference.opt_state)
 
 
+@pytest.mark.parametrize("every_secs, read_s, saved", [
+    (60, 0.0, ["12"]),  # the interval counts from the start: no save at the first logging step
+    (1, 0.3, None),  # 12 reads of 0.3 s: at least one logging step (4, 8) a second after a save
+])
+def test_checkpoints_by_time(tmp_path, every_secs, read_s, saved):
+  examples = grain.MapDataset.range(200).map(lambda i: _example(int(i) + 1000))
+  batches = _Slow(iter(examples.batch(4).to_iter_dataset()), read_s)
+  _train(tmp_path, _config(checkpoint_every=0, checkpoint_every_secs=every_secs), batches=batches)
+  names = sorted((p.name for p in (tmp_path / "checkpoints").iterdir()), key=int)
+  if saved is not None:
+    assert names == saved
+  else:
+    assert names[-1] == "12" and set(names[:-1]) & {"4", "8"}, names
+
+
 def test_corrupt_newest_checkpoint_resumes_from_the_previous_one(tmp_path, caplog):
   cfg = _config(checkpoint_every=4)
   reference, _ = _train(tmp_path / "ref", cfg, poison=False)

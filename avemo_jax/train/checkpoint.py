@@ -1,6 +1,9 @@
 """The one checkpoint path: Orbax CheckpointManager of {train state, data-iterator state}."""
+import dataclasses
+import datetime
 import logging
 import pathlib
+import types
 from typing import Any
 
 import grain
@@ -10,21 +13,44 @@ import orbax.checkpoint as ocp
 from avemo_jax.train.state import TrainState
 
 
+@dataclasses.dataclass(kw_only=True)
+class _EverySeconds(ocp.checkpoint_managers.ContinuousCheckpointingPolicy):
+  """Orbax's time-based policy (decided on the primary process, the answer broadcast to the
+  others), with the first interval counted from `start` instead of saving at once."""
+  start: datetime.datetime
+
+  def should_save(self, step, previous_steps, *, context) -> bool:
+    before = types.SimpleNamespace(step=-1, time=self.start, metrics=None)
+    return super().should_save(step, list(previous_steps) or [before], context=context)
+
+
 class Checkpoints:
   """Saves and restores the train state together with the Grain iterator's position."""
 
-  def __init__(self, directory: pathlib.Path, max_to_keep: int):
-    options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True)
+  def __init__(self, directory: pathlib.Path, max_to_keep: int, every_secs: int = 0):
+    """`every_secs` > 0: `due` says when that long has passed since the last save (or since
+    now, before the first)."""
+    self.every_secs = every_secs
+    policy = (_EverySeconds(minimum_interval_secs=every_secs,
+                            start=datetime.datetime.now(tz=datetime.timezone.utc))
+              if every_secs > 0 else None)
+    options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
+                                           save_decision_policy=policy)
     self.manager = ocp.CheckpointManager(directory.absolute(), options=options)
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
 
+  def due(self, step: int) -> bool:
+    """Whether `every_secs` have passed since the last save and none is being written; every
+    process gets the same answer (a barrier when there are several: call it on the same steps)."""
+    return self.every_secs > 0 and self.manager.should_save(step)
+
   def save(self, step: int, state: TrainState, iterator: grain.DatasetIterator | None) -> None:
     items = {"state": ocp.args.StandardSave(state)}
     if iterator is not None:
       items["data"] = ocp.args.JsonSave(iterator.get_state())
-    self.manager.save(step, args=ocp.args.Composite(**items))
+    self.manager.save(step, args=ocp.args.Composite(**items), force=True)  # the caller decided
 
   def restore(self, state: TrainState, iterator: grain.DatasetIterator | None,
               step: int | None = None) -> TrainState:

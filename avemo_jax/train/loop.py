@@ -123,7 +123,8 @@ def train(stage: Stage, state: state_lib.TrainState, workdir: pathlib.Path,
   """Trains `stage` to `config.num_steps` from the newest checkpoint in workdir (if any), on
   all devices; a checkpoint written on any number of devices restores onto these."""
   cfg = stage.config
-  checkpoints = Checkpoints(workdir / "checkpoints", max_checkpoints)
+  checkpoints = Checkpoints(workdir / "checkpoints", max_checkpoints,
+                            every_secs=cfg.checkpoint_every_secs)
   state, start = checkpoints.restore_newest(parallel.put(state), stage.batches)
   main = parallel_lib.is_main_process()
   writer = MetricWriter(workdir, resume_step=start) if main else None
@@ -154,7 +155,8 @@ def train(stage: Stage, state: state_lib.TrainState, workdir: pathlib.Path,
       state, metrics = compiled(state, *step_args, batch)
       pending.append((step, metrics))
       last = step == cfg.num_steps
-      save = step % cfg.checkpoint_every == 0 or last
+      save = (last or (cfg.checkpoint_every > 0 and step % cfg.checkpoint_every == 0)
+              or (step % cfg.log_every == 0 and checkpoints.due(step)))
       preempted = sigterm.is_set() or (jax.process_count() > 1
                                        and checkpoints.manager.reached_preemption(step))
       if step % cfg.log_every == 0 or last or save or preempted:
