@@ -67,7 +67,7 @@ def schedule_config(tiny: bool, *, steps: int, lr: float) -> ml_collections.Conf
   # GPU 100 face steps took 0.3 s; saving every second held the fusion steps up (data wait).
   s.checkpoint_every = 10 if tiny else 0
   s.checkpoint_every_secs = 300
-  # A step whose loss, gradient norm or new parameters are not finite changes nothing; then
+  # A step whose loss or gradient norm is not finite changes nothing; then
   # "stop" the run (naming the step, the terms and the last good checkpoint) or "skip" it (counted).
   s.on_nonfinite = "stop"
   return s

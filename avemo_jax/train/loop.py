@@ -56,7 +56,7 @@ class Preempted(SystemExit):
 
 
 class NonFiniteError(FloatingPointError):
-  """A step's loss, gradient norm or new parameters were not finite (on_nonfinite="stop")."""
+  """A step's loss or gradient norm was not finite (on_nonfinite="stop")."""
 
 
 def _scalars(metrics: dict[str, Any], prefix: str = "") -> dict[str, float]:
