@@ -21,6 +21,7 @@ import jax
 import ml_collections
 import numpy as np
 
+from avemo_jax import hostmem
 from avemo_jax.benchmark_common import Settings, alternate, cores, face_batch, machine
 from avemo_jax.train import build, steps
 from avemo_jax.train import state as state_lib
@@ -44,8 +45,9 @@ def _compiled(fn: Callable, *args, donate: bool) -> tuple[Callable, dict[str, fl
   for a GPU the convolutions are cuDNN custom calls that XLA counts as 0 FLOPs (an H200 run
   counted a quarter of the face train step's operations)."""
   start = time.perf_counter()
-  lowered = jax.jit(fn, donate_argnums=0 if donate else ()).lower(*args)
-  compiled = lowered.compile()
+  with hostmem.gc_paused():  # as parallel.ready
+    lowered = jax.jit(fn, donate_argnums=0 if donate else ()).lower(*args)
+    compiled = lowered.compile()
   info = {"compile_s": time.perf_counter() - start}
   cost = lowered.cost_analysis()
   cost = cost[0] if isinstance(cost, list) else cost

@@ -24,6 +24,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 from jax.sharding import AxisType, NamedSharding, PartitionSpec
 
+from avemo_jax import hostmem
+
 AXIS = "data"
 BACKENDS = ("jit", "pmap")
 
@@ -103,6 +105,11 @@ class DataParallel:
       return jax.device_put(tree, self.replicated)  # pmap takes it unmapped (in_axes=None)
     return jax.tree.map(lambda x: _replicate(x, self.replicated), tree)
 
+  def abstract(self, tree: Any) -> Any:
+    """The shapes and dtypes of `tree` placed as `put` places it: a template to restore into."""
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=self.replicated),
+                        tree)
+
   def batch(self, local_batch: Any) -> Any:
     """This process's share of a batch -> the global batch (jit) or a per-device stack (pmap)."""
     if self.backend == "pmap":
@@ -127,7 +134,8 @@ class DataParallel:
     returns once every process has compiled it, so that its first collective finds them all:
     that one sets up the processes' communicator, and on CPU (gloo) waits for a late process
     only 30 s, less than a compilation can take on a busy machine."""
-    compiled = step.lower(*args).compile()
+    with hostmem.gc_paused():
+      compiled = step.lower(*args).compile()
     if jax.process_count() > 1:
       self._barriers += 1
       ocp.multihost.sync_global_processes(f"avemo_jax_compiled_{self._barriers}", timeout=3600,

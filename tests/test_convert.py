@@ -177,9 +177,10 @@ class _Started(Exception):
 
 @pytest.fixture
 def patched_loop(monkeypatch):
-  """The loop stops before the first step; no sample-face picture is drawn."""
-  def train(stage, state, *args):
-    raise _Started(stage.name, state)
+  """The loop stops before the first step, with the state it made; no sample-face picture is
+  drawn."""
+  def train(stage, *args):
+    raise _Started(stage.name, stage.init())
   monkeypatch.setattr(loop, "train", train)
   monkeypatch.setattr(stages.synthetic, "save_sample_grid", lambda *args, **kwargs: None)
 

@@ -1,9 +1,11 @@
 """The CPU forms of convolution and max pooling (`models.layers`) against Flax's own layers,
 forward and gradients, over the kernel shapes, strides and paddings the networks use; and
-`hostmem`, which keeps XLA's freed buffers."""
+`hostmem`, which keeps XLA's freed buffers and pauses the garbage collector while tracing."""
+import gc
 import os
 import subprocess
 import sys
+import threading
 
 import flax.linen as nn
 import jax
@@ -11,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from avemo_jax import hostmem
 from avemo_jax.models import layers
 
 CONVS = [((3, 3), 1, "SAME"), ((3, 3), 1, "VALID"), ((3, 3), 1, ((0, 2), (1, 0))),
@@ -93,3 +96,29 @@ def test_hostmem_keeps_freed_memory(keep):
     assert faults_per_call < 16, faults_per_call
   else:
     assert faults_per_call > 256, faults_per_call  # (if this fails, the check above means little)
+
+
+@pytest.mark.parametrize("enabled", [True, False])
+def test_gc_paused_nests_across_threads_and_restores(enabled):
+  """Off while any pause is open (one ending in another thread first included), then as before."""
+  (gc.enable if enabled else gc.disable)()
+  try:
+    inner_open, outer_may_close, inner_done = (threading.Event() for _ in range(3))
+
+    def inner():
+      with hostmem.gc_paused():
+        inner_open.set()
+        outer_may_close.wait(10)
+      inner_done.set()
+
+    with hostmem.gc_paused():
+      assert not gc.isenabled()
+      thread = threading.Thread(target=inner)
+      thread.start()
+      assert inner_open.wait(10)
+    assert not gc.isenabled()  # the other thread's pause is still open
+    outer_may_close.set()
+    thread.join(10)
+    assert inner_done.is_set() and gc.isenabled() == enabled
+  finally:
+    gc.enable()

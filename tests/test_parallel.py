@@ -130,9 +130,9 @@ def test_checkpoint_resumes_on_another_number_of_devices(tmp_path, written, resu
     config, state, step, args, batches = _fusion_setup()
     cfg = config.fusion.train
     cfg.num_steps, cfg.checkpoint_every, cfg.log_every, cfg.eval_every = 6, 3, 3, 0
-    stage = loop.Stage(name="fusion", config=cfg, step=step, step_args=args, batches=batches,
-                       evaluate=lambda s: {})
-    final, _ = loop.train(stage, state, workdir, max_checkpoints=2, parallel=par[devices])
+    stage = loop.Stage(name="fusion", config=cfg, step=step, step_args=args,
+                       init=lambda: state, batches=batches, evaluate=lambda s: {})
+    final, _ = loop.train(stage, workdir, max_checkpoints=2, parallel=par[devices])
     return config, state, jax.device_get(final.params)
 
   config, template, uninterrupted = run(tmp_path / "a", written)

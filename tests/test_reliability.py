@@ -4,6 +4,7 @@ is the time the devices sat idle for want of a batch."""
 import json
 import os
 import signal
+import threading
 import time
 
 import flax.linen as nn
@@ -53,10 +54,11 @@ def _train(workdir, cfg, *, poison=True, batches=None, step=_toy_step):
   examples = grain.MapDataset.range(200).map(
       lambda i: _example(int(i) if poison else int(i) + 1000))
   stage = loop.Stage(name="toy", config=cfg, step=step, step_args=(),
+                     init=lambda: state_lib.create(_Linear(), cfg, jax.random.key(0),
+                                                   (jnp.zeros((1, 3)),)),
                      batches=batches or iter(examples.batch(4).to_iter_dataset()),
                      evaluate=lambda s: {})
-  state = state_lib.create(_Linear(), cfg, jax.random.key(0), (jnp.zeros((1, 3)),))
-  return loop.train(stage, state, workdir, max_checkpoints=3,
+  return loop.train(stage, workdir, max_checkpoints=3,
                     parallel=parallel.DataParallel("jit", devices=jax.devices()[:1]))
 
 
@@ -229,20 +231,57 @@ def test_corrupt_newest_checkpoint_resumes_from_the_previous_one(tmp_path, caplo
 def test_a_checkpoint_of_another_model_is_an_error_not_a_fresh_start(tmp_path):
   _train(tmp_path, _config(checkpoint_every=4), poison=False)
   examples = grain.MapDataset.range(200).map(lambda i: _example(int(i) + 1000))
-  stage = loop.Stage(name="toy", config=_config(), step=_toy_step, step_args=(),
-                     batches=iter(examples.batch(4).to_iter_dataset()), evaluate=lambda s: {})
 
   class Wider(nn.Module):
     @nn.compact
     def __call__(self, x, *, train: bool = False):
       return nn.Dense(1)(nn.Dense(5)(x))
 
-  state = state_lib.create(Wider(), _config(), jax.random.key(0), (jnp.zeros((1, 3)),))
+  stage = loop.Stage(name="toy", config=_config(), step=_toy_step, step_args=(),
+                     init=lambda: state_lib.create(Wider(), _config(), jax.random.key(0),
+                                                   (jnp.zeros((1, 3)),)),
+                     batches=iter(examples.batch(4).to_iter_dataset()), evaluate=lambda s: {})
   with pytest.raises(ValueError, match=r"none of the checkpoints \[12, 8, 4\] in .*checkpoints "
                      r"reads back into this stage's model and optimizer"):
-    loop.train(stage, state, tmp_path, max_checkpoints=3,
+    loop.train(stage, tmp_path, max_checkpoints=3,
                parallel=parallel.DataParallel("jit", devices=jax.devices()[:1]))
   assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["12", "4", "8"]
+
+
+def test_the_first_batches_are_read_while_the_state_is_made(tmp_path):
+  """Grain's worker processes take seconds to start: the loop starts reading before it makes the
+  state. Here the state is made only once the first example has been read."""
+  read = threading.Event()
+  examples = grain.MapDataset.range(200).map(lambda i: (read.set(), _example(int(i) + 1000))[1])
+
+  def init():
+    assert read.wait(timeout=60), "no batch was read while the state was being made"
+    return state_lib.create(_Linear(), _config(), jax.random.key(0), (jnp.zeros((1, 3)),))
+
+  stage = loop.Stage(name="toy", config=_config(), step=_toy_step, step_args=(), init=init,
+                     batches=iter(examples.batch(4).to_iter_dataset()), evaluate=lambda s: {})
+  state, _ = loop.train(stage, tmp_path, max_checkpoints=3,
+                        parallel=parallel.DataParallel("jit", devices=jax.devices()[:1]))
+  assert int(state.step) == 12
+
+
+def test_a_resumed_stage_only_traces_its_init(tmp_path):
+  """Resuming, the state's values come from the checkpoint: `init` is traced for the shapes, not
+  compiled and run."""
+  first, _ = _train(tmp_path, _config(), poison=False)
+  traced = []
+
+  def init():
+    traced.append(isinstance(jnp.zeros(()), jax.core.Tracer))
+    return state_lib.create(_Linear(), _config(), jax.random.key(1), (jnp.zeros((1, 3)),))
+
+  examples = grain.MapDataset.range(200).map(lambda i: _example(int(i) + 1000))
+  stage = loop.Stage(name="toy", config=_config(), step=_toy_step, step_args=(), init=init,
+                     batches=iter(examples.batch(4).to_iter_dataset()), evaluate=lambda s: {})
+  resumed, _ = loop.train(stage, tmp_path, max_checkpoints=3,
+                          parallel=parallel.DataParallel("jit", devices=jax.devices()[:1]))
+  assert traced == [True]
+  jax.tree.map(np.testing.assert_array_equal, resumed.params, first.params)
 
 
 def test_one_run_per_workdir(tmp_path):

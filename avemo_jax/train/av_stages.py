@@ -69,18 +69,21 @@ def _audio_stage(config, workdir: pathlib.Path, summary, par, write_summary) -> 
     return {f"ccc_{name}": metrics.ccc(pred[:, d], dev_labels[:, d])
             for d, name in enumerate(("valence", "arousal"))}
 
+  def init() -> state_lib.TrainState:
+    state = state_lib.create(model, cfg, jax.random.key(config.seed + 2), build.audio_inputs())
+    if config.init.audio:  # converted AudioSet VGGish; the valence/arousal head is ours
+      state = state_lib.start_from(state, config.init.audio, "vggish", keep=("va_head",),
+                                   what="config.init.audio", section="config.audio")
+    return state
+
   stage = loop.Stage(
       name="audio", config=cfg, step=functools.partial(steps.audio_step, weights=dict(cfg.loss)),
-      step_args=(),
+      step_args=(), init=init,
       batches=pipeline.clip_iterator(pipeline.clips(config, "train"), seed=config.seed,
                                      batch=cfg.batch, data=config.data),
       evaluate=evaluate)
   start = time.perf_counter()
-  state = state_lib.create(model, cfg, jax.random.key(config.seed + 2), build.audio_inputs())
-  if config.init.audio:  # converted AudioSet VGGish; the valence/arousal head is ours
-    state = state_lib.start_from(state, config.init.audio, "vggish", keep=("va_head",),
-                                 what="config.init.audio", section="config.audio")
-  state, result = loop.train(stage, state, workdir / "audio", config.max_checkpoints, par)
+  state, result = loop.train(stage, workdir / "audio", config.max_checkpoints, par)
   summary["audio"] = {**result, "train_seconds": round(time.perf_counter() - start, 1)}
   write_summary(workdir, summary)
   logging.info("[audio] dev clips %s", summary["audio"])
@@ -139,18 +142,19 @@ def _fusion_stage(config, workdir: pathlib.Path, summary, par, write_summary, st
       return {**result, "predictions": pred}
 
     train = {k: feats["train"][k] for k in (*modalities, "labels", "lengths")}
+    dims = {m: train[m].shape[-1] for m in modalities}
     stage = loop.Stage(
         name=f"fusion/{name}", config=cfg,
         step=functools.partial(steps.fusion_step, frames=config.fusion.chunk_frames,
                                weights=dict(cfg.loss), seed=config.seed),
         step_args=(train,),  # on the device, whole; the batches say which windows to train on
+        init=lambda model=model, dims=dims: state_lib.create(
+            model, cfg, jax.random.key(config.seed + 3), build.fusion_inputs(dims)),
         batches=pipeline.chunk_iterator(train["lengths"], seed=config.seed, batch=cfg.batch,
                                         frames=config.fusion.chunk_frames, data=config.data),
         evaluate=evaluate)
-    dims = {m: train[m].shape[-1] for m in modalities}
     began = time.perf_counter()
-    state = state_lib.create(model, cfg, jax.random.key(config.seed + 3), build.fusion_inputs(dims))
-    _, result = loop.train(stage, state, workdir / "fusion" / name, config.max_checkpoints, par)
+    _, result = loop.train(stage, workdir / "fusion" / name, config.max_checkpoints, par)
     dev_predictions[name] = result.pop("predictions")
     report[name] = {**result, "train_seconds": round(time.perf_counter() - began, 1)}
     logging.info("[fusion/%s] dev %s", name, {k: round(v, 4) for k, v in result.items()})

@@ -32,14 +32,17 @@ class Stage:
 
   `step(state, *step_args, batch, axis_name=None) -> (state, metrics)` is a pure function
   (static arguments already bound); the loop compiles it once for the data-parallel backend,
-  with the state donated. `batches` yields this process's share of each global batch.
-  `evaluate(state) -> dict` gets a single-device copy of the state and returns scalar metrics
-  (plus anything non-scalar, which is not logged).
+  with the state donated. `init()` makes the state to start from, called while the first
+  batches are read (when resuming, only traced for its shapes: the checkpoint has the values).
+  `batches` yields this process's share of each global batch. `evaluate(state) -> dict` gets a
+  single-device copy of the state and returns scalar metrics (plus anything non-scalar, which is
+  not logged).
   """
   name: str
   config: ml_collections.ConfigDict
   step: Callable
   step_args: tuple[Any, ...]
+  init: Callable[[], state_lib.TrainState]
   batches: grain.DatasetIterator
   evaluate: Callable[[state_lib.TrainState], dict[str, Any]]
 
@@ -117,28 +120,34 @@ def _check_finite(stage: Stage, steps: list[int], host: list[dict[str, Any]],
   return len(bad)
 
 
-def train(stage: Stage, state: state_lib.TrainState, workdir: pathlib.Path,
-          max_checkpoints: int, parallel: parallel_lib.DataParallel
-          ) -> tuple[state_lib.TrainState, dict[str, Any]]:
+def train(stage: Stage, workdir: pathlib.Path, max_checkpoints: int,
+          parallel: parallel_lib.DataParallel) -> tuple[state_lib.TrainState, dict[str, Any]]:
   """Trains `stage` to `config.num_steps` from the newest checkpoint in workdir (if any), on
   all devices; a checkpoint written on any number of devices restores onto these."""
-  cfg = stage.config
+  cfg, began = stage.config, time.perf_counter()
   checkpoints = Checkpoints(workdir / "checkpoints", max_checkpoints,
                             every_secs=cfg.checkpoint_every_secs)
-  state, start = checkpoints.restore_newest(parallel.put(state), stage.batches)
-  main = parallel_lib.is_main_process()
-  writer = MetricWriter(workdir, resume_step=start) if main else None
-  step_args = parallel.put(stage.step_args)
-  step_fn, compiled = parallel.compile(stage.step, len(step_args)), None
-  schedule = state_lib.schedule(cfg)
-  skipped = 0  # non-finite steps skipped since this process started the stage
-  pending, checked, data_wait, window_start = [], 0, 0.0, time.perf_counter()
-  # The next batches are read and put on the devices by a thread while the step runs.
+  # The next batches are read and put on the devices by a thread while the step runs, and the
+  # first ones (Grain's worker processes starting: 2-3 s) while the state is made.
   batches = grain.experimental.ThreadPrefetchDatasetIterator(
       _Placed(stage.batches, parallel.batch), prefetch_buffer_size=PREFETCH)
+  batches.start_prefetch()
   # Grain's worker processes and threads end with the stage, however it ends.
   closing = contextlib.closing if hasattr(stage.batches, "close") else contextlib.nullcontext
   with closing(stage.batches), contextlib.closing(batches), _sigterm_flag() as sigterm:
+    if checkpoints.latest_step() is None:
+      state, start = parallel.put(stage.init()), 0
+    else:  # only the state's shapes are made; its data position restarts the reading
+      template = parallel.abstract(jax.eval_shape(stage.init))
+      state, start = checkpoints.restore_newest(template, batches)
+    main = parallel_lib.is_main_process()
+    writer = MetricWriter(workdir, resume_step=start) if main else None
+    step_args = parallel.put(stage.step_args)
+    step_fn, compiled = parallel.compile(stage.step, len(step_args)), None
+    schedule = state_lib.schedule(cfg)
+    skipped = 0  # non-finite steps skipped since this process started the stage
+    pending, checked, data_wait, window_start = [], 0, 0.0, time.perf_counter()
+    state_s = window_start - began
     for step in range(start + 1, cfg.num_steps + 1):
       t0 = time.perf_counter()
       batch = next(batches)
@@ -149,8 +158,9 @@ def train(stage: Stage, state: state_lib.TrainState, workdir: pathlib.Path,
         data_wait += waited
       if compiled is None:  # once, on the first batch: ahead of time, every process in step
         compiled = parallel.ready(step_fn, state, *step_args, batch)
-        logging.info("[%s] start-up: first batch after %.1fs, step compiled in %.1fs",
-                     stage.name, data_wait, time.perf_counter() - t0 - data_wait)
+        logging.info("[%s] start-up: state in %.1fs, first batch %.1fs later, step compiled "
+                     "in %.1fs", stage.name, state_s, data_wait,
+                     time.perf_counter() - t0 - data_wait)
         window_start, data_wait = time.perf_counter(), 0.0  # start-up is not throughput
       state, metrics = compiled(state, *step_args, batch)
       pending.append((step, metrics))

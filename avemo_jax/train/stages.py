@@ -113,19 +113,23 @@ def _visual_stages(config: ml_collections.ConfigDict, workdir: pathlib.Path,
 
   if "teacher" in config.stages and not config.teacher_checkpoint:
     cfg = config.teacher
+
+    def init() -> state_lib.TrainState:
+      state = state_lib.create(model, cfg, jax.random.fold_in(rng, 0), build.face_inputs(size))
+      if config.init.face_backbone:  # the paper's start: a converted VGGFace2 FaceNet trunk
+        state = state_lib.start_from(state, config.init.face_backbone, "facenet", at=("trunk",),
+                                     what="config.init.face_backbone", section="config.model")
+      return state
+
     stage = loop.Stage(
         name="teacher", config=cfg,
         step=functools.partial(steps.teacher_step, weights=dict(cfg.loss),
                                margins=tuple(cfg.triplet_margins)),
-        step_args=(),
+        step_args=(), init=init,
         batches=pipeline.train_iterator(config, "teacher", sources, seed=config.seed),
         evaluate=lambda s: evaluator(s.variables))
     start = time.perf_counter()
-    state = state_lib.create(model, cfg, jax.random.fold_in(rng, 0), build.face_inputs(size))
-    if config.init.face_backbone:  # the paper's start: a converted VGGFace2 FaceNet trunk
-      state = state_lib.start_from(state, config.init.face_backbone, "facenet", at=("trunk",),
-                                   what="config.init.face_backbone", section="config.model")
-    state, result = loop.train(stage, state, workdir / "teacher", config.max_checkpoints, par)
+    state, result = loop.train(stage, workdir / "teacher", config.max_checkpoints, par)
     _finish(workdir, "teacher", result, time.perf_counter() - start, summary, config)
     teacher_variables, teacher_predictions = parallel.local(state.variables), result["predictions"]
 
@@ -143,17 +147,17 @@ def _visual_stages(config: ml_collections.ConfigDict, workdir: pathlib.Path,
     teacher_predictions = evaluator.predictions(teacher_variables)
   if config.student_init not in ("teacher", "scratch"):
     raise ValueError(f"config.student_init={config.student_init!r}: 'teacher' or 'scratch'")
-  init = teacher_variables if config.student_init == "teacher" else None
+  initial = teacher_variables if config.student_init == "teacher" else None
   stage = loop.Stage(
       name="student", config=cfg,
       step=functools.partial(steps.distill_step, weights=dict(cfg.loss),
                              margins=tuple(cfg.triplet_margins), temperature=cfg.temperature),
       step_args=(teacher_variables,),
+      init=lambda: state_lib.create(model, cfg, jax.random.fold_in(rng, 1),
+                                    build.face_inputs(size), initial),
       batches=pipeline.train_iterator(config, "student", sources, seed=config.seed + 10),
       evaluate=lambda s: evaluator(s.variables, teacher_predictions))
   start = time.perf_counter()
-  state = state_lib.create(model, cfg, jax.random.fold_in(rng, 1), build.face_inputs(size),
-                           init)
-  state, result = loop.train(stage, state, workdir / "student", config.max_checkpoints, par)
+  state, result = loop.train(stage, workdir / "student", config.max_checkpoints, par)
   _finish(workdir, "student", result, time.perf_counter() - start, summary, config)
   return parallel.local(state.variables)
