@@ -38,3 +38,17 @@ def test_cli_rejects_misspelt_key(tmp_path, override, culprit):
   assert result.returncode != 0
   assert culprit in result.stderr
   assert not (tmp_path / "summary.json").exists()
+
+
+def test_training_does_not_import_torch(tmp_path):
+  """tensorboardX would import torch (installed by the test extra) into the training process and
+  every Grain worker; the metric writer loads it without, and still writes event files."""
+  code = ("import sys, pathlib; import avemo_jax.main; "
+          "from avemo_jax.train.writer import MetricWriter; "
+          f"w = MetricWriter(pathlib.Path({str(tmp_path)!r})); w.write(1, {{'loss': 0.5}}); "
+          "w.close(); print('torch' in sys.modules)")
+  done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                        timeout=300, check=True)
+  assert done.stdout.split()[-1] == "False"  # not imported, nor left marked as missing
+  assert list(tmp_path.glob("events.out.tfevents.*"))
+  assert json.loads((tmp_path / "metrics.jsonl").read_text()) == {"step": 1, "loss": 0.5}

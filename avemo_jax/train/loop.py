@@ -20,6 +20,7 @@ import jax
 import ml_collections
 import numpy as np
 
+from avemo_jax import hostmem
 from avemo_jax import parallel as parallel_lib
 from avemo_jax.train import state as state_lib
 from avemo_jax.train.checkpoint import Checkpoints
@@ -187,7 +188,8 @@ def train(stage: Stage, workdir: pathlib.Path, max_checkpoints: int,
                      100 * logged["data_wait_frac"], eta)
         pending, checked, data_wait, window_start = [], 0, 0.0, time.perf_counter()
       if cfg.eval_every and step % cfg.eval_every == 0 and not last:
-        result = _scalars(stage.evaluate(parallel_lib.local(state)), "eval_")
+        with hostmem.gc_paused():  # its first call traces the evaluation
+          result = _scalars(stage.evaluate(parallel_lib.local(state)), "eval_")
         if writer:
           writer.write(step, result)
         window_start = time.perf_counter()  # evaluation time is not training throughput
@@ -201,7 +203,8 @@ def train(stage: Stage, workdir: pathlib.Path, max_checkpoints: int,
                         "command again to resume", stage.name, step, workdir)
         raise Preempted(stage.name, step)
   checkpoints.close()
-  final = stage.evaluate(parallel_lib.local(state))
+  with hostmem.gc_paused():
+    final = stage.evaluate(parallel_lib.local(state))
   if writer:
     writer.write(cfg.num_steps, _scalars(final, "eval_"))
     writer.close()

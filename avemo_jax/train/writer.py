@@ -1,8 +1,26 @@
 """Scalars to WORKDIR/<stage>/metrics.jsonl and TensorBoard event files (tensorboardX, no TF)."""
 import json
 import pathlib
+import sys
+from types import ModuleType
 
-import tensorboardX
+
+def _tensorboardx() -> ModuleType:
+  """tensorboardX, imported on first use and without torch. Its writer imports torch when that is
+  installed (the bench and test extras), only to accept torch tensors, which we never log: 1.2 s
+  and ~300 MB in the training process and in each of Grain's worker processes, which import this
+  module with `avemo_jax.main`. While tensorboardX loads, `import torch` fails as if absent."""
+  if "tensorboardX" in sys.modules:
+    return sys.modules["tensorboardX"]
+  hide = "torch" not in sys.modules
+  if hide:
+    sys.modules["torch"] = None  # the import system's "not installed" marker
+  try:
+    import tensorboardX  # pylint: disable=import-outside-toplevel
+  finally:
+    if hide:
+      del sys.modules["torch"]
+  return tensorboardX
 
 
 class MetricWriter:
@@ -16,7 +34,7 @@ class MetricWriter:
               if l.strip() and json.loads(l)["step"] <= resume_step]
       self.path.write_text("".join(l + "\n" for l in kept))
     self._file = self.path.open("a")
-    self._tb = tensorboardX.SummaryWriter(str(directory))
+    self._tb = _tensorboardx().SummaryWriter(str(directory))
 
   def write(self, step: int, scalars: dict[str, float]) -> None:
     self._file.write(json.dumps({"step": step, **scalars}) + "\n")
