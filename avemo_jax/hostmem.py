@@ -25,6 +25,7 @@ import threading
 
 # mallopt parameters (glibc malloc.h)
 _M_TRIM_THRESHOLD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -4, -8
+_NEVER = -1  # as a trim threshold: SIZE_MAX
 _done = False
 _gc_lock = threading.Lock()
 _gc_pauses, _gc_was_enabled = 0, True
@@ -55,7 +56,10 @@ def keep_freed_memory() -> bool:
     mallopt = libc.mallopt
   except (OSError, AttributeError):  # musl or another libc: nothing to tune
     return False
-  settings = ((_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, 2**31 - 1), (_M_ARENA_MAX, 1))
+  # mallopt takes an int, and glibc stores the trim threshold as a size_t: -1 is "never". The
+  # largest positive int (2 GiB) was not enough: the face train step frees more than that at
+  # once, and glibc then returned it, 100,000-300,000 pages re-faulted every step.
+  settings = ((_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, _NEVER), (_M_ARENA_MAX, 1))
   _done = all(mallopt(key, value) == 1 for key, value in settings)
   if not _done:
     logging.warning("hostmem: glibc refused a mallopt setting; XLA buffers may be re-faulted")

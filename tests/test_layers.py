@@ -98,6 +98,30 @@ def test_hostmem_keeps_freed_memory(keep):
     assert faults_per_call > 256, faults_per_call  # (if this fails, the check above means little)
 
 
+TRIM = """
+import ctypes
+from avemo_jax import hostmem
+assert hostmem.keep_freed_memory()
+libc = ctypes.CDLL("libc.so.6")
+libc.malloc.restype = libc.sbrk.restype = ctypes.c_void_p
+libc.malloc.argtypes, libc.free.argtypes = [ctypes.c_size_t], [ctypes.c_void_p]
+libc.sbrk.argtypes = [ctypes.c_ssize_t]
+block = libc.malloc(5 << 29)  # 2.5 GiB of address space, never touched
+end = libc.sbrk(0)
+libc.free(block)
+print(end - libc.sbrk(0))  # bytes glibc gave back to the kernel
+"""
+
+
+def test_hostmem_keeps_more_than_2_gib_freed_at_once():
+  """The face train step frees more than 2 GiB at once (the largest threshold an int can state):
+  glibc must keep that too, or every step faults it in again."""
+  env = {**os.environ, "AVEMO_KEEP_FREED_MEMORY": "1"}
+  done = subprocess.run([sys.executable, "-c", TRIM], capture_output=True, text=True, env=env,
+                        check=True)
+  assert int(done.stdout.split()[-1]) == 0
+
+
 @pytest.mark.parametrize("enabled", [True, False])
 def test_gc_paused_nests_across_threads_and_restores(enabled):
   """Off while any pause is open (one ending in another thread first included), then as before."""
