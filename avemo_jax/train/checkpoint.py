@@ -86,10 +86,11 @@ class Checkpoints:
 
   def restore_newest(self, state: TrainState, iterator: grain.DatasetIterator | None
                      ) -> tuple[TrainState, int]:
-    """(restored state, step) of the newest checkpoint that reads back, or (state, 0) when there
-    is none. Newer ones that do not read back (a file corrupted on disk; Orbax never lists one
-    whose writing was interrupted) are renamed `<step>.unreadable` with a warning. When none reads
-    back, the newest one's error is raised and nothing is renamed (e.g. another architecture)."""
+    """(restored state, step) of the newest checkpoint that reads back into `state` (a template
+    of shapes will do; with no checkpoint at all this raises: ask `latest_step` first). Newer ones
+    that do not read back (a file corrupted on disk; Orbax never lists one whose writing was
+    interrupted) are renamed `<step>.unreadable` with a warning. When none reads back, the newest
+    one's error is raised and nothing is renamed (e.g. another architecture)."""
     steps = sorted(self.manager.all_steps(), reverse=True)
     errors = []
     for step in steps:
@@ -116,7 +117,7 @@ class Checkpoints:
           f"none of the checkpoints {steps} in {self.manager.directory} reads back into this "
           "stage's model and optimizer (written with another architecture or config? use another "
           f"--workdir, or delete them to start over); newest: {errors[0][1]}") from errors[0][1]
-    return state, 0
+    raise FileNotFoundError(f"no checkpoint in {self.manager.directory} to restore")
 
   def close(self) -> None:
     self.manager.wait_until_finished()
