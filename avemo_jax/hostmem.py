@@ -5,14 +5,22 @@ XLA's CPU runtime allocates each execution's buffers with malloc and frees them 
 returns blocks above its mmap threshold (32 MB at most) to the kernel on free and trims its heaps,
 so the next step faults those pages in again and the kernel zero-fills them: the full face network's
 forward pass at batch 32 faulted 706 MB per call and ran at 65 images/s; with freed memory kept
-(no mmap'd blocks, no trimming, one arena), 0 MB and 98-104 images/s (2 EPYC cores, jax 0.10.2).
-jemalloc with decay disabled does the same (109 images/s) but needs LD_PRELOAD; this needs nothing.
-The costs: the process keeps its peak heap instead of returning it, and one malloc arena for all
-threads slows allocation-heavy threads (Grain's synthetic faces: 307 -> 128 images/s per core,
-still ~5x the face train step's need; compilation: first step 36.8 -> 49.2 s cold). So it applies
-only where XLA computes on the CPU (no GPU/TPU plugin installed, or JAX_PLATFORMS=cpu); on an
-accelerator the buffers live in device memory. Set AVEMO_KEEP_FREED_MEMORY=0 to leave malloc as it
-is, =1 to tune it on any platform.
+(no mmap'd blocks, no trimming), 0 MB and 98-104 images/s (2 EPYC cores, jax 0.10.2). jemalloc
+with decay disabled does the same (109 images/s) but needs LD_PRELOAD; this needs nothing.
+
+Each thread keeps glibc's own malloc arena: with one arena for all (`M_ARENA_MAX=1`, until
+2026-12-01) XLA's compiler threads queued on its lock (face train step compiled in 29 s instead
+of 20 on 2 Xeon cores; the fusion GRUs trained half as fast after the face stages). The price: a
+thread arena's heaps hold 64 MB at most, and glibc serves a larger block of a non-main thread by
+mmap whatever the settings, so the face train step's 1.6 GB of temporaries (allocated by XLA's
+executor threads) are faulted in each step again: the face step ran as fast (within noise), the
+audio encoder's 5-8% slower (README, *Speed*; AVEMO_MALLOC_ARENAS=1 below brings the one arena
+back for long CPU runs). The top pad keeps glibc from unmapping a thread heap that empties. The
+process keeps its peak heap.
+
+It applies only where XLA computes on the CPU (no GPU/TPU plugin installed, or JAX_PLATFORMS=cpu);
+on an accelerator the buffers live in device memory. Set AVEMO_KEEP_FREED_MEMORY=0 to leave malloc
+as it is, =1 to tune it on any platform.
 """
 import contextlib
 import ctypes
@@ -24,16 +32,18 @@ import sys
 import threading
 
 # mallopt parameters (glibc malloc.h)
-_M_TRIM_THRESHOLD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -4, -8
+_M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -2, -4, -8
 _NEVER = -1  # as a trim threshold: SIZE_MAX
+# glibc frees a thread arena's emptied heap (64 MB at most) unless the pad exceeds its size.
+_TOP_PAD = 256 << 20
 _done = False
 _gc_lock = threading.Lock()
 _gc_pauses, _gc_was_enabled = 0, True
 
 
 def _computes_on_cpu() -> bool:
-  """Whether JAX will compute on the CPU, decided without starting a backend (which would
-  start the threads whose arenas the setting must precede)."""
+  """Whether JAX will compute on the CPU, decided without starting a backend (whose threads
+  would allocate before the settings)."""
   platforms = os.environ.get("JAX_PLATFORMS", "")
   if platforms:
     return platforms.split(",")[0].strip() == "cpu"
@@ -44,9 +54,15 @@ def _computes_on_cpu() -> bool:
 def keep_freed_memory() -> bool:
   """Tunes glibc malloc to keep freed memory (call early, before the XLA backend starts its
   threads); True where it applied. A no-op elsewhere (not Linux/glibc, an accelerator) or when
-  switched off (AVEMO_KEEP_FREED_MEMORY=0)."""
+  switched off (AVEMO_KEEP_FREED_MEMORY=0). AVEMO_MALLOC_ARENAS=N caps glibc's arenas at N: 1
+  puts XLA's executor threads in the main arena too (no re-faulted temporaries: steady training
+  steps up to 8% faster on CPU, compilation ~40% slower)."""
   global _done
   setting = os.environ.get("AVEMO_KEEP_FREED_MEMORY", "auto")
+  arenas = os.environ.get("AVEMO_MALLOC_ARENAS", "")
+  if arenas and not (arenas.isdigit() and int(arenas) > 0):
+    raise ValueError(f"AVEMO_MALLOC_ARENAS={arenas!r}: set a positive number of malloc arenas "
+                     "(1: one for all threads), or leave it unset for glibc's per-thread arenas")
   if _done or setting == "0" or (setting != "1" and not _computes_on_cpu()):
     return _done
   if not sys.platform.startswith("linux"):
@@ -59,7 +75,8 @@ def keep_freed_memory() -> bool:
   # mallopt takes an int, and glibc stores the trim threshold as a size_t: -1 is "never". The
   # largest positive int (2 GiB) was not enough: the face train step frees more than that at
   # once, and glibc then returned it, 100,000-300,000 pages re-faulted every step.
-  settings = ((_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, _NEVER), (_M_ARENA_MAX, 1))
+  settings = ((_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, _NEVER), (_M_TOP_PAD, _TOP_PAD))
+  settings += ((_M_ARENA_MAX, int(arenas)),) if arenas else ()
   _done = all(mallopt(key, value) == 1 for key, value in settings)
   if not _done:
     logging.warning("hostmem: glibc refused a mallopt setting; XLA buffers may be re-faulted")

@@ -122,6 +122,48 @@ def test_hostmem_keeps_more_than_2_gib_freed_at_once():
   assert int(done.stdout.split()[-1]) == 0
 
 
+THREAD = """
+import ctypes, resource, threading
+from avemo_jax import hostmem
+assert hostmem.keep_freed_memory()
+libc = ctypes.CDLL("libc.so.6")
+libc.malloc.restype = ctypes.c_void_p
+libc.malloc.argtypes, libc.free.argtypes = [ctypes.c_size_t], [ctypes.c_void_p]
+libc.memset.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_size_t]
+faults = []
+def work():  # in a thread's own arena: 40 MB held fills its first heap, 48 MB needs a second
+  held = libc.malloc(40 << 20)
+  for _ in range(3):
+    before = resource.getrusage(resource.RUSAGE_THREAD).ru_minflt
+    block = libc.malloc(48 << 20)
+    libc.memset(block, 1, 48 << 20)
+    libc.free(block)
+    faults.append(resource.getrusage(resource.RUSAGE_THREAD).ru_minflt - before)
+thread = threading.Thread(target=work)
+thread.start()
+thread.join()
+print(max(faults[1:]))
+"""
+
+
+@pytest.mark.parametrize("arenas", ["", "1"])
+def test_hostmem_keeps_what_a_thread_frees(arenas):
+  """XLA's threads allocate in their own arenas; glibc unmaps a thread heap that empties unless
+  the top pad exceeds its size, and 48 MB would then be faulted in again (12,288 pages). With
+  one arena (AVEMO_MALLOC_ARENAS=1) the thread allocates in the main one, never trimmed."""
+  env = {**os.environ, "AVEMO_KEEP_FREED_MEMORY": "1", "AVEMO_MALLOC_ARENAS": arenas}
+  done = subprocess.run([sys.executable, "-c", THREAD], capture_output=True, text=True, env=env,
+                        check=True)
+  assert int(done.stdout.split()[-1]) < 100
+
+
+@pytest.mark.parametrize("value", ["0", "one", "-2"])
+def test_hostmem_names_a_bad_arena_count(value, monkeypatch):
+  monkeypatch.setenv("AVEMO_MALLOC_ARENAS", value)
+  with pytest.raises(ValueError, match=f"AVEMO_MALLOC_ARENAS='{value}'.*positive number"):
+    hostmem.keep_freed_memory()
+
+
 @pytest.mark.parametrize("enabled", [True, False])
 def test_gc_paused_nests_across_threads_and_restores(enabled):
   """Off while any pause is open (one ending in another thread first included), then as before."""
