@@ -63,6 +63,13 @@ def test_max_pool_equals_flax_max_pool(window, strides, shape, ties):
   assert not ties or int((x == 0).sum()) > x.size // 4
 
 
+def _last_word(script: str, **env: str) -> str:
+  """The last word `script` prints in a fresh Python process (malloc settings are per process)."""
+  done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                        env={**os.environ, **env}, check=True)
+  return done.stdout.split()[-1]
+
+
 FAULTS = """
 import resource, jax, jax.numpy as jnp
 from avemo_jax import hostmem
@@ -87,11 +94,8 @@ def test_hostmem_keeps_freed_memory(keep):
   kept (fresh processes: malloc settings are per process)."""
   # glibc's mmap threshold adapts to the blocks it has freed, so whether the control faults
   # depends on the allocation history; pinned at 1 MiB it always does, and hostmem must win.
-  env = {**os.environ, "AVEMO_KEEP_FREED_MEMORY": keep, "XLA_FLAGS": "",
-         "GLIBC_TUNABLES": "glibc.malloc.mmap_threshold=1048576"}
-  done = subprocess.run([sys.executable, "-c", FAULTS], capture_output=True, text=True, env=env,
-                        check=True)
-  faults_per_call = float(done.stdout.split()[-1])
+  faults_per_call = float(_last_word(FAULTS, AVEMO_KEEP_FREED_MEMORY=keep, XLA_FLAGS="",
+                                     GLIBC_TUNABLES="glibc.malloc.mmap_threshold=1048576"))
   if keep == "1":
     assert faults_per_call < 16, faults_per_call
   else:
@@ -116,10 +120,7 @@ print(end - libc.sbrk(0))  # bytes glibc gave back to the kernel
 def test_hostmem_keeps_more_than_2_gib_freed_at_once():
   """The face train step frees more than 2 GiB at once (the largest threshold an int can state):
   glibc must keep that too, or every step faults it in again."""
-  env = {**os.environ, "AVEMO_KEEP_FREED_MEMORY": "1"}
-  done = subprocess.run([sys.executable, "-c", TRIM], capture_output=True, text=True, env=env,
-                        check=True)
-  assert int(done.stdout.split()[-1]) == 0
+  assert int(_last_word(TRIM, AVEMO_KEEP_FREED_MEMORY="1")) == 0
 
 
 THREAD = """
@@ -151,10 +152,7 @@ def test_hostmem_keeps_what_a_thread_frees(arenas):
   """XLA's threads allocate in their own arenas; glibc unmaps a thread heap that empties unless
   the top pad exceeds its size, and 48 MB would then be faulted in again (12,288 pages). With
   one arena (AVEMO_MALLOC_ARENAS=1) the thread allocates in the main one, never trimmed."""
-  env = {**os.environ, "AVEMO_KEEP_FREED_MEMORY": "1", "AVEMO_MALLOC_ARENAS": arenas}
-  done = subprocess.run([sys.executable, "-c", THREAD], capture_output=True, text=True, env=env,
-                        check=True)
-  assert int(done.stdout.split()[-1]) < 100
+  assert int(_last_word(THREAD, AVEMO_KEEP_FREED_MEMORY="1", AVEMO_MALLOC_ARENAS=arenas)) < 100
 
 
 @pytest.mark.parametrize("value", ["0", "one", "-2"])
