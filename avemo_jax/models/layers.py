@@ -8,9 +8,9 @@ Measured on 2 EPYC cores (jax 0.10.2, batch 32, the face network's own shapes, f
   convolution, padded by at least one on every side and cropped (XLA runs unpadded windows
   1.3-2.5x slower: 69x69x32 -> 32 33.7 -> 13.5 ms), strided as im2col (the strided slices of its
   taps concatenated over channels, times the reshaped kernel); the input gradient by XLA's
-  transposed convolution, the kernel gradient as dy^T im2col(x) (XLA's kernel-gradient
-  convolution ran 1.5-2x slower). Against im2col both ways, 67x67x32 -> 64 with gradients 100 ->
-  90 ms, the teacher step 1115 -> 1051 ms;
+  transposed convolution, the kernel gradient as dy^T im2col(x) per half of the batch (XLA's
+  kernel-gradient convolution ran 1.5-2x slower). Against im2col both ways, 67x67x32 -> 64 with
+  gradients 100 -> 90 ms, the teacher step 1115 -> 1051 ms;
 - 3x3/2 max pooling on CPU is the maximum of its 9 strided slices (forward 67x67x64 6.8 -> 1.5
   ms), its gradient routed by the forward's first maximal window position (`_cpu_max_pool`): that
   of autodiff through the maxima chain recomputed it per tap and cost 95 ms in the teacher step
@@ -101,17 +101,28 @@ def _cpu_conv_fwd(x, w, strides, pads, precision, preferred_element_type):
   return _cpu_conv(x, w, strides, pads, precision, preferred_element_type), (x, w)
 
 
+def _kernel_grad(x, dy, window, strides, pads, precision, preferred_element_type):
+  """(dy^T im2col(x))^T as one product per half of the batch (a batched product), summed. The
+  one product over the whole batch ran slower on 2 Xeon cores (batch 32, alone: 69x69x32 -> 32
+  135 -> 106 ms, 67x67x32 -> 64 155 -> 109, 35x35x64 -> 80 81 -> 60; face train step +5%).
+  dy^T cols, not cols^T dy: the product transposes its left operand, dy being the narrower
+  (67x67x32 -> 64: 34 ms to transpose the columns, 3 ms dy)."""
+  parts = 2 if dy.shape[0] % 2 == 0 else 1
+  halves = lambda a: a.reshape(parts, -1, a.shape[-1])
+  cols = _cols(x, window, strides, pads)
+  dw_t = lax.dot_general(halves(dy), halves(cols), (((1,), (1,)), ((0,), (0,))),
+                         precision=precision, preferred_element_type=preferred_element_type
+                         ).sum(0)
+  return dw_t.T.reshape(*window, x.shape[-1], dy.shape[-1])
+
+
 def _cpu_conv_bwd(strides, pads, precision, preferred_element_type, residuals, dy):
-  """Input gradient by XLA's transposed convolution, kernel gradient as (dy^T im2col(x))^T."""
+  """Input gradient by XLA's transposed convolution, kernel gradient by `_kernel_grad`."""
   x, w = residuals
   _, transpose = jax.vjp(
       lambda x: _xla_conv(x, w, strides, pads, precision, preferred_element_type), x)
-  cols = _cols(x, w.shape[:2], strides, pads)
-  # dy^T cols, not cols^T dy: the matrix product transposes its left operand, dy being the
-  # narrower (67x67x32 -> 64 in the teacher step: 34 ms to transpose the columns, 3 ms dy).
-  dw_t = lax.dot_general(dy, cols, (((0, 1, 2), (0, 1, 2)), ((), ())), precision=precision,
-                         preferred_element_type=preferred_element_type)
-  return transpose(dy)[0], dw_t.T.reshape(w.shape).astype(w.dtype)
+  dw = _kernel_grad(x, dy, w.shape[:2], strides, pads, precision, preferred_element_type)
+  return transpose(dy)[0], dw.astype(w.dtype)
 
 
 _cpu_conv.defvjp(_cpu_conv_fwd, _cpu_conv_bwd)
