@@ -32,12 +32,15 @@ def first_step(spec: dict[str, Any]) -> None:
   config = ml_collections.ConfigDict(spec["config"])
   model = build.face_model(config.model, dtype=config.dtype)
   stage, par = config.teacher, parallel.DataParallel(config.parallel.backend)
-  state = par.put(state_lib.create(model, stage, jax.random.key(0),
-                                   build.face_inputs(config.data.image_size)))
+  init = lambda: state_lib.create(model, stage, jax.random.key(0),
+                                  build.face_inputs(config.data.image_size))
+  with hostmem.gc_paused():
+    template = par.abstract(jax.eval_shape(init))
   step = par.compile(functools.partial(steps.teacher_step, weights=dict(stage.loss),
                                        margins=tuple(stage.triplet_margins)), 0)
   batch = par.batch(face_batch(config, spec["images"]))
-  state, metrics = par.ready(step, state, batch)(state, batch)
+  state, compiled = par.start(step, init, template, batch)
+  state, metrics = compiled(state, batch)
   jax.block_until_ready((state, metrics))
   print(time.time())
 

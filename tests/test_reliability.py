@@ -1,6 +1,7 @@
 """Faults: non-finite steps stop (or are skipped) and change nothing; SIGTERM checkpoints at the
 next step boundary and the resumed run ends where an uninterrupted one does; the logged data wait
 is the time the devices sat idle for want of a batch."""
+import functools
 import json
 import os
 import signal
@@ -263,6 +264,43 @@ def test_the_first_batches_are_read_while_the_state_is_made(tmp_path):
   state, _ = loop.train(stage, tmp_path, max_checkpoints=3,
                         parallel=parallel.DataParallel("jit", devices=jax.devices()[:1]))
   assert int(state.step) == 12
+
+
+@pytest.mark.parametrize("backend", ["jit", "pmap"])
+def test_the_step_compiles_while_the_state_is_made(tmp_path, backend):
+  """A fresh stage's state is made in a thread while the step compiles for its shapes (here only
+  once the step is being traced), and trains as when made first, under either backend."""
+  tracing = threading.Event()
+
+  def step(state, batch, axis_name=None):
+    tracing.set()
+    return _toy_step(state, batch, axis_name)
+
+  def init():
+    traced = isinstance(jnp.zeros(()), jax.core.Tracer)
+    assert traced or tracing.wait(timeout=60), "the state was made before the step compiled"
+    return state_lib.create(_Linear(), _config(), jax.random.key(0), (jnp.zeros((1, 3)),))
+
+  examples = grain.MapDataset.range(200).map(lambda i: _example(int(i) + 1000))
+  stage = loop.Stage(name="toy", config=_config(), step=step, step_args=(), init=init,
+                     batches=iter(examples.batch(4).to_iter_dataset()), evaluate=lambda s: {})
+  state, _ = loop.train(stage, tmp_path / "run", max_checkpoints=3,
+                        parallel=parallel.DataParallel(backend, devices=jax.devices()[:2]))
+  reference, _ = _train(tmp_path / "ref", _config(), poison=False)
+  assert int(state.step) == 12
+  jax.tree.map(functools.partial(np.testing.assert_allclose, rtol=1e-5, atol=1e-6),
+               jax.device_get(state.params), jax.device_get(reference.params))
+
+
+def test_an_error_making_the_state_is_raised_once_the_step_has_compiled():
+  def init():
+    raise FileNotFoundError("config.init.face_backbone='/nowhere': no conversion.json")
+
+  par = parallel.DataParallel("jit", devices=jax.devices()[:1])
+  step = par.compile(lambda state, batch, axis_name=None: (state, {"loss": batch.sum()}), 0)
+  template = par.abstract(jax.ShapeDtypeStruct((3,), jnp.float32))
+  with pytest.raises(FileNotFoundError, match="no conversion.json"):
+    par.start(step, init, template, par.batch(np.ones((4, 2), np.float32)))
 
 
 def test_a_resumed_stage_only_traces_its_init(tmp_path):

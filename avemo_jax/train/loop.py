@@ -7,12 +7,13 @@ host sync naming the step, the terms and the last good checkpoint, or counts and
 """
 import contextlib
 import dataclasses
+import itertools
 import logging
 import pathlib
 import signal
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import grain
@@ -33,8 +34,9 @@ class Stage:
 
   `step(state, *step_args, batch, axis_name=None) -> (state, metrics)` is a pure function
   (static arguments already bound); the loop compiles it once for the data-parallel backend,
-  with the state donated. `init()` makes the state to start from, called while the first
-  batches are read (when resuming, only traced for its shapes: the checkpoint has the values).
+  with the state donated. `init()` makes the state to start from: traced for its shapes (which
+  the step is compiled for), then called in a thread while the step compiles and the first
+  batches are read (when resuming, only traced: the checkpoint has the values).
   `batches` yields this process's share of each global batch. `evaluate(state) -> dict` gets a
   single-device copy of the state and returns scalar metrics (plus anything non-scalar, which is
   not logged).
@@ -121,48 +123,65 @@ def _check_finite(stage: Stage, steps: list[int], host: list[dict[str, Any]],
   return len(bad)
 
 
+def _start_up(stage: Stage, parallel: parallel_lib.DataParallel, checkpoints: Checkpoints,
+              batches: grain.DatasetIterator) -> tuple[state_lib.TrainState, int, tuple[Any, ...],
+                                                        Callable | None, Iterator[Any]]:
+  """(state, its step, the step's extra arguments on the devices, the step compiled ahead of time
+  on the first batch, the batches from that one on). A fresh state is made while the step
+  compiles; a resumed one is restored from the newest checkpoint that reads back first."""
+  began = time.perf_counter()
+  fresh = checkpoints.latest_step() is None
+  with hostmem.gc_paused():  # the template the step is compiled for, or restored into
+    template = parallel.abstract(jax.eval_shape(stage.init))
+  if fresh:
+    state, start = None, 0
+  else:  # only the state's shapes are made; its data position restarts the reading
+    state, start = checkpoints.restore_newest(template, batches)
+  step_args = parallel.put(stage.step_args)
+  if start >= stage.config.num_steps:  # nothing to train: evaluated as it is
+    state = parallel.put(stage.init()) if fresh else state
+    return state, start, step_args, None, batches
+  first = next(batches)
+  read_s = time.perf_counter() - began
+  step = parallel.compile(stage.step, len(step_args))  # every process in step: see ready()
+  if fresh:
+    state, compiled = parallel.start(step, stage.init, template, *step_args, first)
+  else:
+    compiled = parallel.ready(step, state, *step_args, first)
+  logging.info("[%s] start-up: %.1fs (state template%s and first batch in %.1fs)", stage.name,
+               time.perf_counter() - began, "" if fresh else ", restore", read_s)
+  return state, start, step_args, compiled, itertools.chain([first], batches)
+
+
 def train(stage: Stage, workdir: pathlib.Path, max_checkpoints: int,
           parallel: parallel_lib.DataParallel) -> tuple[state_lib.TrainState, dict[str, Any]]:
   """Trains `stage` to `config.num_steps` from the newest checkpoint in workdir (if any), on
   all devices; a checkpoint written on any number of devices restores onto these."""
-  cfg, began = stage.config, time.perf_counter()
+  cfg = stage.config
   checkpoints = Checkpoints(workdir / "checkpoints", max_checkpoints,
                             every_secs=cfg.checkpoint_every_secs)
   # The next batches are read and put on the devices by a thread while the step runs, and the
-  # first ones (Grain's worker processes starting: 2-3 s) while the state is made.
+  # first ones (Grain's worker processes starting: 2-3 s) while the state's shapes are traced.
   batches = grain.experimental.ThreadPrefetchDatasetIterator(
       _Placed(stage.batches, parallel.batch), prefetch_buffer_size=PREFETCH)
   batches.start_prefetch()
   # Grain's worker processes and threads end with the stage, however it ends.
   closing = contextlib.closing if hasattr(stage.batches, "close") else contextlib.nullcontext
   with closing(stage.batches), contextlib.closing(batches), _sigterm_flag() as sigterm:
-    if checkpoints.latest_step() is None:
-      state, start = parallel.put(stage.init()), 0
-    else:  # only the state's shapes are made; its data position restarts the reading
-      template = parallel.abstract(jax.eval_shape(stage.init))
-      state, start = checkpoints.restore_newest(template, batches)
+    state, start, step_args, compiled, upcoming = _start_up(stage, parallel, checkpoints, batches)
     main = parallel_lib.is_main_process()
     writer = MetricWriter(workdir, resume_step=start) if main else None
-    step_args = parallel.put(stage.step_args)
-    step_fn, compiled = parallel.compile(stage.step, len(step_args)), None
     schedule = state_lib.schedule(cfg)
     skipped = 0  # non-finite steps skipped since this process started the stage
     pending, checked, data_wait, window_start = [], 0, 0.0, time.perf_counter()
-    state_s = window_start - began
     for step in range(start + 1, cfg.num_steps + 1):
       t0 = time.perf_counter()
-      batch = next(batches)
+      batch = next(upcoming)
       waited = time.perf_counter() - t0
       # The main thread usually runs steps ahead of the devices: waiting for a batch counts only
       # if they had finished the last step dispatched (an upper bound on their idle time).
       if not pending or jax.tree.leaves(pending[-1][1])[0].is_ready():
         data_wait += waited
-      if compiled is None:  # once, on the first batch: ahead of time, every process in step
-        compiled = parallel.ready(step_fn, state, *step_args, batch)
-        logging.info("[%s] start-up: state in %.1fs, first batch %.1fs later, step compiled "
-                     "in %.1fs", stage.name, state_s, data_wait,
-                     time.perf_counter() - t0 - data_wait)
-        window_start, data_wait = time.perf_counter(), 0.0  # start-up is not throughput
       state, metrics = compiled(state, *step_args, batch)
       pending.append((step, metrics))
       last = step == cfg.num_steps

@@ -61,6 +61,8 @@ def start_from(state: TrainState, path: str, kind: str, *, what: str, section: s
   """`state` with its variables under `at` taken from converted pretrained weights (the output
   folder of tools/convert_{kind}.py); only the entries named in `keep` stay as initialised.
   `what` (the config key) and `section` (the model's config section) name the fix in errors."""
+  if isinstance(state.step, jax.core.Tracer):  # under jax.eval_shape: the shapes stay; not read
+    return state
   converted, info = convert.load(path, kind, what)
   fix = (f"{path} holds {kind} weights for {info.get('model')} (its conversion.json): set "
          f"{section} to match, or leave {what} empty.")
