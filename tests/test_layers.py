@@ -22,9 +22,10 @@ CONVS = [((3, 3), 1, "SAME"), ((3, 3), 1, "VALID"), ((3, 3), 1, ((0, 2), (1, 0))
          ((1, 1), 2, "VALID"), ((3, 1), 1, ((1, 1), (0, 0)))]
 
 
+@pytest.mark.parametrize("batch", [1, 2])  # the weight gradient's two forms (_batch_product)
 @pytest.mark.parametrize("kernel,stride,padding", CONVS)
-def test_conv_equals_flax_conv(kernel, stride, padding):
-  x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 11, 12, 5)), jnp.float32)
+def test_conv_equals_flax_conv(kernel, stride, padding, batch):
+  x = jnp.asarray(np.random.default_rng(0).normal(size=(batch, 11, 12, 5)), jnp.float32)
   ours = layers.Conv(6, kernel, strides=stride, padding=padding)
   flax_conv = nn.Conv(6, kernel, strides=stride, padding=padding)
   variables = flax_conv.init(jax.random.key(1), x)

@@ -8,7 +8,7 @@ Measured on 2 EPYC cores (jax 0.10.2, batch 32, the face network's own shapes, f
   convolution, padded by at least one on every side and cropped (XLA runs unpadded windows
   1.3-2.5x slower: 69x69x32 -> 32 33.7 -> 13.5 ms), strided as im2col (the strided slices of its
   taps concatenated over channels, times the reshaped kernel); the input gradient by XLA's
-  transposed convolution, the kernel gradient as dy^T im2col(x) per half of the batch (XLA's
+  transposed convolution, the kernel gradient as dy^T im2col(x) (`_batch_product`; XLA's
   kernel-gradient convolution ran 1.5-2x slower). Against im2col both ways, 67x67x32 -> 64 with
   gradients 100 -> 90 ms, the teacher step 1115 -> 1051 ms;
 - 3x3/2 max pooling on CPU is the maximum of its 9 strided slices (forward 67x67x64 6.8 -> 1.5
@@ -70,6 +70,26 @@ def _taps(x: jax.Array, window: tuple[int, int], strides: tuple[int, int]) -> li
 _NHWC = ("NHWC", "HWIO", "NHWC")
 
 
+def _batch_product(a: jax.Array, dy: jax.Array, precision, preferred_element_type) -> jax.Array:
+  """a^T dy summed over every leading dimension ([B, ..., M], [B, ..., N] -> [M, N]): a weight
+  gradient. When the contraction is long and the output small, one product per half of the batch
+  (a batched product, halves summed), which XLA ran 1.9-3x faster on 2 Xeon cores (1x1, batch
+  32: 67x67x64 -> 80 21.5 -> 7.5 ms, 33x33x192 -> 32 5.5 -> 1.8, 15x15x256 -> 32 1.4 -> 0.7) and
+  up to 3x slower when short (7x7x384 -> 896 3.4 -> 6.1, 3x3x1792 -> 192 1.0 -> 3.4). The product
+  transposes its left operand: the narrower goes left (a kxk convolution's im2col columns are
+  wide: 67x67x32 -> 64, 34 ms to transpose them, 3 ms dy), and dy for the halves (7.5 against
+  10.2 ms)."""
+  m, n, lead = a.shape[-1], dy.shape[-1], tuple(range(a.ndim - 1))
+  product = functools.partial(lax.dot_general, precision=precision,
+                              preferred_element_type=preferred_element_type)
+  if dy.shape[0] % 2 == 0 and 2 * (a.size // m) >= m * n:
+    halves = lambda t: t.reshape(2, -1, t.shape[-1])
+    return product(halves(dy), halves(a), (((1,), (1,)), ((0,), (0,)))).sum(0).T
+  if m <= n:
+    return product(a, dy, ((lead, lead), ((), ())))
+  return product(dy, a, ((lead, lead), ((), ()))).T
+
+
 def _cols(x: jax.Array, window: tuple[int, int], strides, pads) -> jax.Array:
   """im2col: the taps of the padded x concatenated over channels, [B, Ho, Wo, kh*kw*C]."""
   return jnp.concatenate(_taps(jnp.pad(x, [(0, 0), *pads, (0, 0)]), window, strides), axis=-1)
@@ -101,44 +121,54 @@ def _cpu_conv_fwd(x, w, strides, pads, precision, preferred_element_type):
   return _cpu_conv(x, w, strides, pads, precision, preferred_element_type), (x, w)
 
 
-def _kernel_grad(x, dy, window, strides, pads, precision, preferred_element_type):
-  """(dy^T im2col(x))^T as one product per half of the batch (a batched product), summed. The
-  one product over the whole batch ran slower on 2 Xeon cores (batch 32, alone: 69x69x32 -> 32
-  135 -> 106 ms, 67x67x32 -> 64 155 -> 109, 35x35x64 -> 80 81 -> 60; face train step +5%).
-  dy^T cols, not cols^T dy: the product transposes its left operand, dy being the narrower
-  (67x67x32 -> 64: 34 ms to transpose the columns, 3 ms dy)."""
-  parts = 2 if dy.shape[0] % 2 == 0 else 1
-  halves = lambda a: a.reshape(parts, -1, a.shape[-1])
-  cols = _cols(x, window, strides, pads)
-  dw_t = lax.dot_general(halves(dy), halves(cols), (((1,), (1,)), ((0,), (0,))),
-                         precision=precision, preferred_element_type=preferred_element_type
-                         ).sum(0)
-  return dw_t.T.reshape(*window, x.shape[-1], dy.shape[-1])
-
-
 def _cpu_conv_bwd(strides, pads, precision, preferred_element_type, residuals, dy):
-  """Input gradient by XLA's transposed convolution, kernel gradient by `_kernel_grad`."""
+  """Input gradient by XLA's transposed convolution, kernel gradient of im2col(x)."""
   x, w = residuals
   _, transpose = jax.vjp(
       lambda x: _xla_conv(x, w, strides, pads, precision, preferred_element_type), x)
-  dw = _kernel_grad(x, dy, w.shape[:2], strides, pads, precision, preferred_element_type)
-  return transpose(dy)[0], dw.astype(w.dtype)
+  dw = _batch_product(_cols(x, w.shape[:2], strides, pads), dy, precision,
+                      preferred_element_type)
+  return transpose(dy)[0], dw.reshape(w.shape).astype(w.dtype)
 
 
 _cpu_conv.defvjp(_cpu_conv_fwd, _cpu_conv_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _cpu_pointwise(x: jax.Array, w: jax.Array, precision, preferred_element_type) -> jax.Array:
+  """A 1x1 convolution on CPU: the product over the channels, its weight gradient by
+  `_batch_product`."""
+  return _matmul(x, w, precision, preferred_element_type)
+
+
+def _cpu_pointwise_fwd(x, w, precision, preferred_element_type):
+  return _matmul(x, w, precision, preferred_element_type), (x, w)
+
+
+def _cpu_pointwise_bwd(precision, preferred_element_type, residuals, dy):
+  x, w = residuals
+  dx = lax.dot_general(dy, w, (((dy.ndim - 1,), (1,)), ((), ())), precision=precision,
+                       preferred_element_type=preferred_element_type)
+  dw = _batch_product(x, dy, precision, preferred_element_type)
+  return dx.astype(x.dtype), dw.astype(w.dtype)
+
+
+_cpu_pointwise.defvjp(_cpu_pointwise_fwd, _cpu_pointwise_bwd)
 
 
 def conv_general_dilated(lhs: jax.Array, rhs: jax.Array, window_strides, padding,
                          lhs_dilation=None, rhs_dilation=None, dimension_numbers=None,
                          feature_group_count: int = 1, batch_group_count: int = 1,
                          precision=None, preferred_element_type=None) -> jax.Array:
-  """`lax.conv_general_dilated`; 1x1 kernels as a matrix product, kxk ones `_cpu_conv` on CPU."""
+  """`lax.conv_general_dilated`; 1x1 kernels as a matrix product (`_cpu_pointwise` on CPU), kxk
+  ones `_cpu_conv` on CPU."""
   plain = functools.partial(
       lax.conv_general_dilated, window_strides=window_strides, padding=padding,
       lhs_dilation=lhs_dilation, rhs_dilation=rhs_dilation, dimension_numbers=dimension_numbers,
       feature_group_count=feature_group_count, batch_group_count=batch_group_count,
       precision=precision, preferred_element_type=preferred_element_type)
   ones = lambda v: v is None or all(d == 1 for d in v)
+  options = {"precision": precision, "preferred_element_type": preferred_element_type}
   if (rhs.ndim != 4 or not _channels_last(dimension_numbers, 2) or not ones(lhs_dilation)
       or not ones(rhs_dilation) or feature_group_count != 1 or batch_group_count != 1
       or getattr(_state, "portable", False)):
@@ -147,9 +177,10 @@ def conv_general_dilated(lhs: jax.Array, rhs: jax.Array, window_strides, padding
   pads = (lax.padtype_to_pads(lhs.shape[1:3], rhs.shape[:2], strides, padding)
           if isinstance(padding, str) else [tuple(p) for p in padding])
   if rhs.shape[:2] == (1, 1) and strides == (1, 1) and all(p == (0, 0) for p in pads):
-    return _matmul(lhs, rhs.reshape(rhs.shape[2:]), precision, preferred_element_type)
-  cpu = functools.partial(_cpu_conv, strides=strides, pads=tuple(map(tuple, pads)),
-                          precision=precision, preferred_element_type=preferred_element_type)
+    return lax.platform_dependent(lhs, rhs.reshape(rhs.shape[2:]),
+                                  cpu=functools.partial(_cpu_pointwise, **options),
+                                  default=functools.partial(_matmul, **options))
+  cpu = functools.partial(_cpu_conv, strides=strides, pads=tuple(map(tuple, pads)), **options)
   return lax.platform_dependent(lhs, rhs, cpu=cpu, default=plain)
 
 
