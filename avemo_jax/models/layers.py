@@ -142,13 +142,12 @@ def _cpu_pointwise(x: jax.Array, w: jax.Array, precision, preferred_element_type
 
 
 def _cpu_pointwise_fwd(x, w, precision, preferred_element_type):
-  return _matmul(x, w, precision, preferred_element_type), (x, w)
+  return _cpu_pointwise(x, w, precision, preferred_element_type), (x, w)
 
 
 def _cpu_pointwise_bwd(precision, preferred_element_type, residuals, dy):
   x, w = residuals
-  dx = lax.dot_general(dy, w, (((dy.ndim - 1,), (1,)), ((), ())), precision=precision,
-                       preferred_element_type=preferred_element_type)
+  dx = _matmul(dy, w.T, precision, preferred_element_type)
   dw = _batch_product(x, dy, precision, preferred_element_type)
   return dx.astype(x.dtype), dw.astype(w.dtype)
 
