@@ -43,6 +43,28 @@ def test_conv_equals_flax_conv(kernel, stride, padding, batch):
   assert "platform_index" not in jaxpr
 
 
+@pytest.mark.parametrize("images_per_chunk", [1, 2, 4])
+@pytest.mark.parametrize("kernel,stride,padding", [((3, 3), 1, "SAME"), ((3, 3), 2, "VALID")])
+def test_kernel_gradient_in_chunks_of_the_batch(kernel, stride, padding, images_per_chunk,
+                                                monkeypatch):
+  """The kernel gradient summed over chunks of the batch equals Flax's, on one device and with
+  the batch sharded over 8 (the chunks interleave images, so each device keeps its own)."""
+  x = jnp.asarray(np.random.default_rng(0).normal(size=(8, 11, 12, 5)), jnp.float32)
+  ours, flax_conv = (conv(6, kernel, strides=stride, padding=padding)
+                     for conv in (layers.Conv, nn.Conv))
+  variables = flax_conv.init(jax.random.key(1), x)
+  out_positions = flax_conv.apply(variables, x).shape[1] * flax_conv.apply(variables, x).shape[2]
+  monkeypatch.setattr(layers, "_CHUNK_BYTES", images_per_chunk * out_positions * 9 * 5 * 4)
+  loss = lambda module: lambda v, x: (module.apply(v, x) ** 2).sum()
+  want = jax.grad(loss(flax_conv))(variables, x)
+  grad = jax.jit(jax.grad(loss(ours)))
+  assert "stablehlo.while" in grad.lower(variables, x).as_text()  # 8 / images_per_chunk chunks
+  sharded = jax.device_put(x, jax.sharding.NamedSharding(
+      jax.sharding.Mesh(jax.devices()[:8], ("batch",)), jax.sharding.PartitionSpec("batch")))
+  for got in (grad(variables, x), grad(variables, sharded)):
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-4, rtol=1e-4), got, want)
+
+
 @pytest.mark.parametrize("window,strides,shape", [((3, 3), (2, 2), (2, 15, 16, 4)),
                                                   ((2, 2), (2, 2), (2, 12, 8, 3))])
 @pytest.mark.parametrize("ties", [False, True])
@@ -101,6 +123,52 @@ def test_hostmem_keeps_freed_memory(keep):
     assert faults_per_call < 16, faults_per_call
   else:
     assert faults_per_call > 256, faults_per_call  # (if this fails, the check above means little)
+
+
+HEAPS = """
+import resource
+from avemo_jax import hostmem
+hostmem.keep_freed_memory()
+import jax, jax.numpy as jnp
+x = jnp.ones((16, 64, 64, 32))  # 8 MB
+def f(x):  # twelve 8 MB intermediates alive together: 96-192 MB of temporaries
+  ys = [jnp.sin(x * i) for i in range(12)]
+  return sum(jnp.cos(y).sum() * jnp.tanh(y).sum() for y in ys)
+f = hostmem.compile_step(jax.jit(f).lower(x))
+assert f.memory_analysis().temp_size_in_bytes > 64 << 20
+for _ in range(5):
+  jax.block_until_ready(f(x))
+rounds = []
+for _ in range(3):
+  before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+  for _ in range(5):
+    jax.block_until_ready(f(x))
+  rounds.append((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 5)
+print(min(rounds))
+"""
+
+
+def test_hostmem_keeps_a_steps_temporaries_above_a_thread_heap(tmp_path):
+  """XLA's temporaries of a program above 64 MB (one allocation, made in an executor thread) are
+  faulted in anew each call (49,152 pages here) unless XLA splits them into heaps a thread arena
+  holds, as `compile_step` asks (0-4,917 pages a call in 8 processes: which of XLA's threads
+  allocates varies); AVEMO_STEP_HEAP_MB=0 (one allocation) is the control. With a persistent
+  cache, no warning that the cache cannot store the step."""
+  env = {"AVEMO_KEEP_FREED_MEMORY": "1", "JAX_COMPILATION_CACHE_DIR": str(tmp_path),
+         "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
+  runs = [subprocess.run([sys.executable, "-c", HEAPS], capture_output=True, text=True,
+                         env={**os.environ, **env, "AVEMO_STEP_HEAP_MB": mb}, check=True)
+          for mb in ("48", "0")]
+  heaps, one = (float(run.stdout.split()[-1]) for run in runs)
+  assert one > 30_000 and heaps < one / 4, (heaps, one)
+  assert "persistent compilation cache" not in runs[0].stderr
+
+
+@pytest.mark.parametrize("value", ["-1", "4GB", "4096"])
+def test_hostmem_names_a_bad_step_heap_size(value, monkeypatch):
+  monkeypatch.setenv("AVEMO_STEP_HEAP_MB", value)
+  with pytest.raises(ValueError, match=f"AVEMO_STEP_HEAP_MB='{value}'.*in MB"):
+    hostmem.compile_step(jax.jit(lambda x: x).lower(1.0))
 
 
 TRIM = """

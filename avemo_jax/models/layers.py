@@ -9,8 +9,9 @@ Measured on 2 EPYC cores (jax 0.10.2, batch 32, the face network's own shapes, f
   1.3-2.5x slower: 69x69x32 -> 32 33.7 -> 13.5 ms), strided as im2col (the strided slices of its
   taps concatenated over channels, times the reshaped kernel); the input gradient by XLA's
   transposed convolution, the kernel gradient as dy^T im2col(x) (`_batch_product`; XLA's
-  kernel-gradient convolution ran 1.5-2x slower). Against im2col both ways, 67x67x32 -> 64 with
-  gradients 100 -> 90 ms, the teacher step 1115 -> 1051 ms;
+  kernel-gradient convolution ran 1.5-2x slower), summed over chunks of the batch whose columns
+  stay small (`_kernel_grad`). Against im2col both ways, 67x67x32 -> 64 with gradients 100 -> 90
+  ms, the teacher step 1115 -> 1051 ms;
 - 3x3/2 max pooling on CPU is the maximum of its 9 strided slices (forward 67x67x64 6.8 -> 1.5
   ms), its gradient routed by the forward's first maximal window position (`_cpu_max_pool`): that
   of autodiff through the maxima chain recomputed it per tap and cost 95 ms in the teacher step
@@ -95,6 +96,31 @@ def _cols(x: jax.Array, window: tuple[int, int], strides, pads) -> jax.Array:
   return jnp.concatenate(_taps(jnp.pad(x, [(0, 0), *pads, (0, 0)]), window, strides), axis=-1)
 
 
+# The kernel gradient's im2col columns per chunk of the batch (2 Xeon cores, batch 32, gradient
+# alone: 69x69x32 -> 32 104 -> 31 ms, 33x33x80 -> 192 97 -> 54, VGGish's 24x16x256 -> 256 127 ->
+# 75; the face train step's temporaries 1613 -> 1176 MB, none above `hostmem`'s 48 MB heaps).
+_CHUNK_BYTES = 16 << 20
+
+
+def _kernel_grad(x, dy, window, strides, pads, precision, preferred_element_type):
+  """dy^T im2col(x) [kh*kw*C, K], summed over n chunks of the batch whose columns take at most
+  `_CHUNK_BYTES` (n the smallest divisor of the batch that allows it); chunk i holds images i,
+  i + n, ..., so a batch sharded over devices stays sharded. Accumulated in float32 at least."""
+  b, tap_bytes = x.shape[0], window[0] * window[1] * x.shape[-1] * x.dtype.itemsize
+  image_bytes = dy[0].size // dy.shape[-1] * tap_bytes
+  n = next(n for n in range(1, b + 1)
+           if b % n == 0 and (b // n * image_bytes <= _CHUNK_BYTES or n == b))
+  accumulate = preferred_element_type or jnp.promote_types(dy.dtype, jnp.float32)
+  product = lambda x, dy: _batch_product(_cols(x, window, strides, pads), dy, precision,
+                                         accumulate)
+  if n == 1:
+    return product(x, dy)
+  xs, dys = (t.reshape(b // n, n, *t.shape[1:]) for t in (x, dy))
+  pick = lambda t, i: lax.dynamic_index_in_dim(t, i, 1, keepdims=False)
+  zeros = jnp.zeros((tap_bytes // x.dtype.itemsize, dy.shape[-1]), accumulate)
+  return lax.fori_loop(0, n, lambda i, total: total + product(pick(xs, i), pick(dys, i)), zeros)
+
+
 def _xla_conv(x, w, strides, pads, precision, preferred_element_type):
   return lax.conv_general_dilated(x, w, strides, pads, dimension_numbers=_NHWC,
                                   precision=precision,
@@ -126,8 +152,7 @@ def _cpu_conv_bwd(strides, pads, precision, preferred_element_type, residuals, d
   x, w = residuals
   _, transpose = jax.vjp(
       lambda x: _xla_conv(x, w, strides, pads, precision, preferred_element_type), x)
-  dw = _batch_product(_cols(x, w.shape[:2], strides, pads), dy, precision,
-                      preferred_element_type)
+  dw = _kernel_grad(x, dy, w.shape[:2], strides, pads, precision, preferred_element_type)
   return transpose(dy)[0], dw.reshape(w.shape).astype(w.dtype)
 
 
