@@ -126,41 +126,36 @@ def test_hostmem_keeps_freed_memory(keep):
 
 
 HEAPS = """
-import resource
 from avemo_jax import hostmem
 hostmem.keep_freed_memory()
 import jax, jax.numpy as jnp
+from jax.experimental import serialize_executable
 x = jnp.ones((16, 64, 64, 32))  # 8 MB
 def f(x):  # twelve 8 MB intermediates alive together: 96-192 MB of temporaries
   ys = [jnp.sin(x * i) for i in range(12)]
   return sum(jnp.cos(y).sum() * jnp.tanh(y).sum() for y in ys)
 f = hostmem.compile_step(jax.jit(f).lower(x))
 assert f.memory_analysis().temp_size_in_bytes > 64 << 20
-for _ in range(5):
-  jax.block_until_ready(f(x))
-rounds = []
-for _ in range(3):
-  before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-  for _ in range(5):
-    jax.block_until_ready(f(x))
-  rounds.append((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 5)
-print(min(rounds))
+try:
+  serialize_executable.serialize(f)
+  print("one")
+except Exception as e:  # XLA's CPU executables serialise one temporary allocation only
+  print("heaps" if "Multiple temp buffer allocations" in str(e) else repr(e))
 """
 
 
-def test_hostmem_keeps_a_steps_temporaries_above_a_thread_heap(tmp_path):
-  """XLA's temporaries of a program above 64 MB (one allocation, made in an executor thread) are
-  faulted in anew each call (49,152 pages here) unless XLA splits them into heaps a thread arena
-  holds, as `compile_step` asks (0-4,917 pages a call in 8 processes: which of XLA's threads
-  allocates varies); AVEMO_STEP_HEAP_MB=0 (one allocation) is the control. With a persistent
-  cache, no warning that the cache cannot store the step."""
+def test_hostmem_compiles_a_steps_temporaries_into_heaps(tmp_path):
+  """`compile_step` has XLA split a step's temporaries above 64 MB into heaps a thread's malloc
+  arena keeps (the face step: 302,000 -> 0-200 page faults a step, README *Speed*; counted
+  here they vary with the load, so the split is checked: such an executable cannot be
+  serialised); AVEMO_STEP_HEAP_MB=0 leaves XLA's one allocation. With a persistent cache, no
+  warning that the cache cannot store the step."""
   env = {"AVEMO_KEEP_FREED_MEMORY": "1", "JAX_COMPILATION_CACHE_DIR": str(tmp_path),
          "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
   runs = [subprocess.run([sys.executable, "-c", HEAPS], capture_output=True, text=True,
                          env={**os.environ, **env, "AVEMO_STEP_HEAP_MB": mb}, check=True)
           for mb in ("48", "0")]
-  heaps, one = (float(run.stdout.split()[-1]) for run in runs)
-  assert one > 30_000 and heaps < one / 4, (heaps, one)
+  assert [run.stdout.split()[-1] for run in runs] == ["heaps", "one"]
   assert "persistent compilation cache" not in runs[0].stderr
 
 
