@@ -34,8 +34,7 @@ def first_step(spec: dict[str, Any]) -> None:
   stage, par = config.teacher, parallel.DataParallel(config.parallel.backend)
   init = lambda: state_lib.create(model, stage, jax.random.key(0),
                                   build.face_inputs(config.data.image_size))
-  with hostmem.gc_paused():
-    template = par.abstract(jax.eval_shape(init))
+  template = par.template(init)
   step = par.compile(functools.partial(steps.teacher_step, weights=dict(stage.loss),
                                        margins=tuple(stage.triplet_margins)), 0)
   batch = par.batch(face_batch(config, spec["images"]))

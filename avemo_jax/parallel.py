@@ -112,6 +112,12 @@ class DataParallel:
     return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=self.replicated),
                         tree)
 
+  def template(self, init: Callable[[], Any]) -> Any:
+    """`abstract` of what `init()` returns, traced (`jax.eval_shape`, collector paused), not
+    run: the state a step is compiled for (`start`) or a checkpoint is restored into."""
+    with hostmem.gc_paused():
+      return self.abstract(jax.eval_shape(init))
+
   def batch(self, local_batch: Any) -> Any:
     """This process's share of a batch -> the global batch (jit) or a per-device stack (pmap)."""
     if self.backend == "pmap":
@@ -147,9 +153,9 @@ class DataParallel:
   def start(self, step: Callable, init: Callable[[], Any], template: Any, *args: Any
             ) -> tuple[Any, Callable]:
     """(`put(init())`, `ready(step, template, *args)`): the state is made in a thread while the
-    step compiles for `template`'s shapes (`abstract(jax.eval_shape(init))`) here. The face
-    network on 2 CPU cores: 10-11 s to make its state, 20-23 s to compile its step; 33.5 -> 27.5 s
-    to the first step. Errors in `init` are raised here, once the step has compiled."""
+    step compiles here for `template` (`self.template(init)`). The face network on 2 CPU cores:
+    10-11 s to make its state, 20-23 s to compile its step; 33.5 -> 27.5 s to the first step.
+    Errors in `init` are raised here, once the step has compiled."""
     def make():
       began = time.perf_counter()
       state = jax.block_until_ready(self.put(init()))

@@ -131,8 +131,7 @@ def _start_up(stage: Stage, parallel: parallel_lib.DataParallel, checkpoints: Ch
   compiles; a resumed one is restored from the newest checkpoint that reads back first."""
   began = time.perf_counter()
   fresh = checkpoints.latest_step() is None
-  with hostmem.gc_paused():  # the template the step is compiled for, or restored into
-    template = parallel.abstract(jax.eval_shape(stage.init))
+  template = parallel.template(stage.init)  # the step is compiled for it, or restored into
   if fresh:
     state, start = None, 0
   else:  # only the state's shapes are made; its data position restarts the reading
