@@ -10,26 +10,26 @@ with decay disabled does the same (109 images/s) but needs LD_PRELOAD; this need
 
 Each thread keeps glibc's own malloc arena: with one arena for all (`M_ARENA_MAX=1`, until
 2026-12-01) XLA's compiler threads queued on its lock (face train step compiled in 29 s instead
-of 20 on 2 Xeon cores; the fusion GRUs trained half as fast after the face stages). A thread
-arena's heaps hold 64 MB at most and glibc serves a larger block of a non-main thread by mmap
+of 20 on 2 Xeon cores; the fusion GRUs trained half as fast after the face stages). But a thread
+arena's heaps hold 64 MB at most, and glibc serves a larger block of a non-main thread by mmap
 whatever the settings, while XLA packs a program's temporaries into one allocation (the face
-train step's: 1.2-1.6 GB, allocated by XLA's executor threads), faulted in anew every step:
-~300,000 pages, a sixth of the step's CPU time. So training steps are compiled with their
-temporaries split into heaps of at most 48 MB (`compile_step`: XLA's
-`xla_multiheap_size_constraint_per_heap`), which a thread heap holds and keeps: ~0 faults a step,
-the face train step 23.0 -> 26.4-26.5 images/s on 2 Xeon cores (README, *Speed*). The price: XLA
-cannot store such an executable in JAX's persistent compilation cache, so a full-size training
-step is compiled anew in each process (other programs, and steps whose temporaries fit one heap,
-are cached as before): the face network's first step with a warm cache 12.8-14.3 -> ~28 s.
-AVEMO_STEP_HEAP_MB=0 trades back (`compile_step`). A single buffer above 48 MB
-still gets its own block (XLA then warns at compile time, "larger than the per-heap size
-limit"); the layers keep theirs smaller (`models.layers`: the kernel gradients' columns in
-chunks). The top pad keeps glibc from unmapping a thread heap that empties. The process keeps its
-peak heap.
+train step's: 1.2-1.6 GB). Dispatched asynchronously, a program runs, and allocates, in one of
+XLA's executor threads: that block was faulted in anew every step, ~300,000 pages, a sixth of
+the step's CPU time. So XLA runs each single-device CPU program inline in the thread that calls
+it (`jax_cpu_enable_async_dispatch` off; its operations still use XLA's intra-op threads), and
+the loop's calls come from the main thread, whose arena grows without that limit and keeps what
+is freed: ~0 faults a step, the face train step 23.0 -> 24.2-24.9 images/s on 2 Xeon cores
+(README, *Speed*). Python waits for each call to finish instead of queueing the next; the
+batches are read and placed by the loop's prefetch thread (`train.loop`), so the step still does
+not wait for data. (For a few hours of 2026-12-01 the temporaries were split into heaps of 48 MB
+instead: as fast, but XLA cannot store such an executable in the persistent compilation cache,
+so every process compiled its steps anew: the first face step 27.8 s instead of 14.) The top
+pad keeps glibc from unmapping a thread heap that empties (XLA's intra-op threads allocate too).
+The process keeps its peak heap.
 
 It applies only where XLA computes on the CPU (no GPU/TPU plugin installed, or JAX_PLATFORMS=cpu);
 on an accelerator the buffers live in device memory. Set AVEMO_KEEP_FREED_MEMORY=0 to leave malloc
-as it is, =1 to tune it on any platform.
+and JAX's dispatch as they are, =1 to tune them on any platform.
 """
 import contextlib
 import ctypes
@@ -39,16 +39,12 @@ import os
 import pkgutil
 import sys
 import threading
-import warnings
-from typing import Any
 
 # mallopt parameters (glibc malloc.h)
 _M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -2, -4, -8
 _NEVER = -1  # as a trim threshold: SIZE_MAX
 # glibc frees a thread arena's emptied heap (64 MB at most) unless the pad exceeds its size.
 _TOP_PAD = 256 << 20
-# A training step's temporaries in heaps a thread arena's 64 MB heap holds (module doc)
-_HEAP_OPTION, _HEAP_BYTES = "xla_multiheap_size_constraint_per_heap", 48 << 20
 _done = False
 _gc_lock = threading.Lock()
 _gc_pauses, _gc_was_enabled = 0, True
@@ -65,9 +61,9 @@ def _computes_on_cpu() -> bool:
 
 
 def keep_freed_memory() -> bool:
-  """Tunes glibc malloc to keep freed memory (call early, before the XLA backend starts its
-  threads); True where it applied. A no-op elsewhere (not Linux/glibc, an accelerator) or when
-  switched off (AVEMO_KEEP_FREED_MEMORY=0).
+  """Tunes glibc malloc to keep freed memory and has XLA run CPU programs in the calling thread
+  (call early, before the XLA backend starts); True where it applied. A no-op elsewhere (not
+  Linux/glibc, an accelerator) or when switched off (AVEMO_KEEP_FREED_MEMORY=0).
   AVEMO_MALLOC_ARENAS=N caps glibc's arenas at N (1: XLA's threads in the main arena too;
   compilation ~40% slower)."""
   global _done
@@ -93,27 +89,10 @@ def keep_freed_memory() -> bool:
   _done = all(mallopt(key, value) == 1 for key, value in settings)
   if not _done:
     logging.warning("hostmem: glibc refused a mallopt setting; XLA buffers may be re-faulted")
-  return _done
-
-
-def compile_step(lowered: Any) -> Any:
-  """`lowered.compile()` for a training step (a `jax.stages.Lowered`): where freed memory is
-  kept for XLA on the CPU, with its temporaries in heaps of at most AVEMO_STEP_HEAP_MB (48 MB
-  unless set; module doc). JAX's warning that its persistent cache cannot store such an
-  executable is left out. AVEMO_STEP_HEAP_MB=0: one allocation, as XLA makes it (a cached step,
-  re-faulted temporaries)."""
-  import jax  # pylint: disable=import-outside-toplevel  # not before keep_freed_memory
-  setting = os.environ.get("AVEMO_STEP_HEAP_MB", str(_HEAP_BYTES >> 20))
-  if not (setting.isdigit() and int(setting) < 2048):
-    raise ValueError(f"AVEMO_STEP_HEAP_MB={setting!r}: set the largest heap of a training step's "
-                     "temporaries in MB (below 64 keeps them in a thread's malloc heap; 0: one "
-                     "allocation, cacheable), or leave it unset for 48")
-  if not (_done and int(setting) and jax.default_backend() == "cpu"):
-    return lowered.compile()
-  with warnings.catch_warnings():
-    warnings.filterwarnings("ignore", "Error writing persistent compilation cache entry.*"
-                            "Multiple temp buffer allocations")
-    return lowered.compile(compiler_options={_HEAP_OPTION: int(setting) << 20})
+    return False
+  import jax  # pylint: disable=import-outside-toplevel  # after the settings (module doc)
+  jax.config.update("jax_cpu_enable_async_dispatch", False)  # read when the CPU client starts
+  return True
 
 
 @contextlib.contextmanager

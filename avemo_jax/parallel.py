@@ -143,7 +143,7 @@ class DataParallel:
     that one sets up the processes' communicator, and on CPU (gloo) waits for a late process
     only 30 s, less than a compilation can take on a busy machine."""
     with hostmem.gc_paused():
-      compiled = hostmem.compile_step(step.lower(*args))
+      compiled = step.lower(*args).compile()
     if jax.process_count() > 1:
       self._barriers += 1
       ocp.multihost.sync_global_processes(f"avemo_jax_compiled_{self._barriers}", timeout=3600,

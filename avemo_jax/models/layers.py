@@ -98,7 +98,7 @@ def _cols(x: jax.Array, window: tuple[int, int], strides, pads) -> jax.Array:
 
 # The kernel gradient's im2col columns per chunk of the batch (2 Xeon cores, batch 32, gradient
 # alone: 69x69x32 -> 32 104 -> 31 ms, 33x33x80 -> 192 97 -> 54, VGGish's 24x16x256 -> 256 127 ->
-# 75; the face train step's temporaries 1613 -> 1176 MB, none above `hostmem`'s 48 MB heaps).
+# 75; the face train step's temporaries 1613 -> 1176 MB).
 _CHUNK_BYTES = 16 << 20
 
 

@@ -177,8 +177,9 @@ def train(stage: Stage, workdir: pathlib.Path, max_checkpoints: int,
       t0 = time.perf_counter()
       batch = next(upcoming)
       waited = time.perf_counter() - t0
-      # The main thread usually runs steps ahead of the devices: waiting for a batch counts only
-      # if they had finished the last step dispatched (an upper bound on their idle time).
+      # On an accelerator the main thread usually runs steps ahead of the devices: waiting for a
+      # batch counts only if they had finished the last step dispatched (an upper bound on their
+      # idle time). On the CPU each step returns finished (`hostmem`): every wait counts.
       if not pending or jax.tree.leaves(pending[-1][1])[0].is_ready():
         data_wait += waited
       state, metrics = compiled(state, *step_args, batch)
