@@ -40,11 +40,11 @@ PEAK_FLOPS = {"h100": (494.7e12, 989.4e12), "h200": (494.7e12, 989.4e12),
 
 
 def _compiled(fn: Callable, *args, donate: bool) -> tuple[Callable, dict[str, float]]:
-  """`fn` jitted and compiled ahead of time for `args` (a train step, `donate`, as
-  `parallel.ready` compiles it), with its compile time and XLA's count
-  of floating-point operations per call. The count is the lowered program's: after compilation
-  for a GPU the convolutions are cuDNN custom calls that XLA counts as 0 FLOPs (an H200 run
-  counted a quarter of the face train step's operations)."""
+  """`fn` jitted and compiled ahead of time for `args` (as `parallel.ready` does; a train step
+  is `donate`d), with its compile time and XLA's count of floating-point operations per call.
+  The count is the lowered program's: after compilation for a GPU the convolutions are cuDNN
+  custom calls that XLA counts as 0 FLOPs (an H200 run counted a quarter of the face train
+  step's operations)."""
   start = time.perf_counter()
   with hostmem.gc_paused():  # as parallel.ready
     lowered = jax.jit(fn, donate_argnums=0 if donate else ()).lower(*args)

@@ -53,8 +53,8 @@ def test_kernel_gradient_in_chunks_of_the_batch(kernel, stride, padding, images_
   ours, flax_conv = (conv(6, kernel, strides=stride, padding=padding)
                      for conv in (layers.Conv, nn.Conv))
   variables = flax_conv.init(jax.random.key(1), x)
-  out_positions = flax_conv.apply(variables, x).shape[1] * flax_conv.apply(variables, x).shape[2]
-  monkeypatch.setattr(layers, "_CHUNK_BYTES", images_per_chunk * out_positions * 9 * 5 * 4)
+  _, out_h, out_w, _ = flax_conv.apply(variables, x).shape
+  monkeypatch.setattr(layers, "_CHUNK_BYTES", images_per_chunk * out_h * out_w * 9 * 5 * 4)
   loss = lambda module: lambda v, x: (module.apply(v, x) ** 2).sum()
   want = jax.grad(loss(flax_conv))(variables, x)
   grad = jax.jit(jax.grad(loss(ours)))
@@ -157,7 +157,7 @@ def test_hostmem_keeps_a_programs_temporaries_above_a_thread_heap(dispatch):
   threads (asynchronous dispatch): 302,000 page faults a face step. keep_freed_memory has XLA
   run it in the calling thread, whose main arena keeps the block. An arena per thread: glibc's
   default cap (8 per core) makes threads beyond it share arenas, the main one too, so whether
-  XLA's thread faults would be chance (the control passed in 1 of 2 CI runs without it)."""
+  XLA's thread faults would be chance (without it the control did not fault in 1 of 2 CI runs)."""
   faulted = float(_last_word(INLINE, AVEMO_KEEP_FREED_MEMORY="1", AVEMO_MALLOC_ARENAS="256",
                              DISPATCH=dispatch))
   if dispatch == "inline":
