@@ -109,15 +109,21 @@ def _fusion_setup():
 
 
 def test_fusion_step_agrees_on_1_and_8_devices_and_under_pmap():
+  """Also with the batches placed as several processes place them (on one process's CPU
+  devices the step is handed host arrays)."""
   config, state, step, args, batches = _fusion_setup()
   batches = [next(batches) for _ in range(STEPS)]
+  placed = parallel.DataParallel("jit")
+  assert placed.keep_host_batches and isinstance(placed.batch(batches[0])["start"], np.ndarray)
+  placed.keep_host_batches = False
+  assert isinstance(placed.batch(batches[0])["start"], jax.Array)
   results = {}
-  for name, par in (("1", _one_device()), ("8", parallel.DataParallel("jit")),
+  for name, par in (("1", _one_device()), ("8", parallel.DataParallel("jit")), ("8 placed", placed),
                     ("pmap", parallel.DataParallel("pmap"))):
     results[name], traces = _train(par, step, state, args, batches)
     assert traces == 1, name
-  _assert_same(results["8"], results["1"])
-  _assert_same(results["pmap"], results["1"])
+  for name in ("8", "8 placed", "pmap"):
+    _assert_same(results[name], results["1"])
 
 
 @pytest.mark.parametrize("written, resumed", [(8, 1), (1, 8)])

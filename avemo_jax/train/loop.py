@@ -50,7 +50,7 @@ class Stage:
   evaluate: Callable[[state_lib.TrainState], dict[str, Any]]
 
 
-PREFETCH = 2  # batches on the devices ahead of the step
+PREFETCH = 2  # batches read (on accelerators: put on the devices) ahead of the step
 
 
 class Preempted(SystemExit):
@@ -159,8 +159,8 @@ def train(stage: Stage, workdir: pathlib.Path, max_checkpoints: int,
   cfg = stage.config
   checkpoints = Checkpoints(workdir / "checkpoints", max_checkpoints,
                             every_secs=cfg.checkpoint_every_secs)
-  # The next batches are read and put on the devices by a thread while the step runs, and the
-  # first ones (Grain's worker processes starting: 2-3 s) while the state's shapes are traced.
+  # The next batches are read and placed (`DataParallel.batch`) by a thread while the step runs,
+  # and the first ones (Grain's worker processes starting: 2-3 s) while the state's shapes are traced.
   batches = grain.experimental.ThreadPrefetchDatasetIterator(
       _Placed(stage.batches, parallel.batch), prefetch_buffer_size=PREFETCH)
   batches.start_prefetch()
