@@ -21,9 +21,7 @@ are kept as 0 with va_valid=False. Skipped and counted (with quoted lines) in th
 8 None / 9 Uncertain / 10 No-Face, other codes, malformed lines, missing or unreadable images,
 boxes outside the image.
 """
-import collections
 import csv
-import functools
 import os
 import pathlib
 from typing import NamedTuple
@@ -91,13 +89,8 @@ def _rows(path: pathlib.Path):
 def find_inputs(manual_dir, image_root=None) -> tuple[dict[str, pathlib.Path], pathlib.Path]:
   """The two CSVs and the image folder under `manual_dir`, or an error saying what is missing."""
   manual_dir = pathlib.Path(manual_dir)
-  csvs = {}
-  for split, name in _CSVS.items():
-    found = [manual_dir / d / name for d in _CSV_DIRS if (manual_dir / d / name).is_file()]
-    if not found:
-      raise FileNotFoundError(f"{name} not found in {manual_dir} or {manual_dir / _CSV_DIRS[1]}: "
-                              "put AffectNet's manual-annotation CSVs there")
-    csvs[split] = found[0]
+  csvs = tfds_common.find_csvs(manual_dir, _CSVS, _CSV_DIRS,
+                               "put AffectNet's manual-annotation CSVs there")
   roots = [pathlib.Path(image_root)] if image_root else [manual_dir / r for r in _IMAGE_ROOTS]
   found = [r for r in roots if r.is_dir()]
   if not found:
@@ -121,7 +114,7 @@ class Affectnet(tfds.core.GeneratorBasedBuilder):
 
   def __init__(self, *, image_root: str | None = None, num_workers: int = 0, **kwargs):
     self._image_root, self.pool = image_root, tfds_common.make_pool(num_workers)
-    self._window = 2 * num_workers
+    self.window = 2 * num_workers
     self.report: dict[str, tfds_common.SplitReport] = {}
     super().__init__(**kwargs)
 
@@ -148,36 +141,25 @@ class Affectnet(tfds.core.GeneratorBasedBuilder):
 
   def _generate_examples(self, csv_path, root, split: str, contempt: bool):
     report, part = self.report[split], "contempt" if contempt else "7class"
-    rows = collections.deque()  # (line, Row) of the jobs in flight, in order
 
-    def jobs():
+    def rows():
       for line, fields in _rows(csv_path):
         row = _parse(fields)
         if isinstance(row, tfds_common.Skip):
           if not contempt:  # rows outside both splits are counted once, in the 7-class pass
             report.skip(row.reason, line, row.detail)
-          continue
-        if (row.code == CONTEMPT) == contempt:
-          rows.append((line, row))
-          yield (tfds_common.Job(os.fspath(root / row.file), row.box),)
+        elif (row.code == CONTEMPT) == contempt:
+          yield line, row, (tfds_common.Job(os.fspath(root / row.file), row.box),)
 
-    crop = functools.partial(tfds_common.crop_jobs, config=self.builder_config)
-    progress = tfds_common.Progress(f"affectnet {csv_path.name} ({part})", report.lines)
-    results = tfds_common.parallel_map(crop, jobs(), self.pool, window=self._window)
-    for result in results:
-      line, row = rows.popleft()
-      progress.update(line, report)
-      if isinstance(result, tfds_common.Skip):
-        report.skip(result.reason, line, f"{row.file}: {result.detail}")
-        continue
+    for line, row, crops in tfds_common.crop_rows(self, rows(), report, root,
+                                                  f"affectnet {csv_path.name} ({part})"):
       valid = -1 <= row.valence <= 1 and -1 <= row.arousal <= 1
       if not valid:
         report.notes["kept without valence/arousal (-2 or out of range)"] += 1
       report.written[f"{split}_{part}"] += 1
-      yield line, {"image": result[0], "label": row.code, "va_valid": valid,
+      yield line, {"image": crops[0], "label": row.code, "va_valid": valid,
                    "valence": row.valence if valid else 0.0,
                    "arousal": row.arousal if valid else 0.0, "line": line, "file": row.file}
-    progress.update(report.lines, report, force=True)
     self.info.metadata[split] = report.as_dict()
     tfds_common.check_written(report, f"{split}_{part}")
 
@@ -192,15 +174,9 @@ def prepare(manual_dir, data_dir, *, image_size: int = 140, margin: float = 0.1,
   return tfds_common.prepare(builder, manual_dir)
 
 
-class Faces:
+class Faces(tfds_common.Records):
   """Random access to prepared faces: {"image" uint8 [S, S, 3], "label" int32 (0-7; 0-6 when
   read as 7 classes), "valence", "arousal" float32, "va_valid" bool}."""
-
-  def __init__(self, records):
-    self._records = records
-
-  def __len__(self) -> int:
-    return len(self._records)
 
   def __getitem__(self, index: int) -> dict[str, np.ndarray]:
     r = self._records[index]

@@ -22,9 +22,7 @@ the number of distinct image files referenced (by rows that parse) and missing. 
 dead Flickr link may serve instead) counts as an unreadable image. Malformed lines, boxes outside
 [0, 1] and unreadable images are skipped and counted too, with a few lines quoted.
 """
-import collections
 import csv
-import functools
 import os
 import pathlib
 import posixpath
@@ -95,15 +93,7 @@ def _rows(path: pathlib.Path):
 
 def find_csvs(manual_dir) -> dict[str, pathlib.Path]:
   """The two CSVs under `manual_dir`, or an error saying where they belong."""
-  manual_dir = pathlib.Path(manual_dir)
-  csvs = {}
-  for split, name in CSVS.items():
-    found = [manual_dir / d / name for d in _CSV_DIRS if (manual_dir / d / name).is_file()]
-    if not found:
-      raise FileNotFoundError(f"{name} not found in {manual_dir} or {manual_dir / _CSV_DIRS[1]}: "
-                              "unzip the FEC release there")
-    csvs[split] = found[0]
-  return csvs
+  return tfds_common.find_csvs(manual_dir, CSVS, _CSV_DIRS, "unzip the FEC release there")
 
 
 def find_inputs(manual_dir, image_dir=None) -> tuple[dict[str, pathlib.Path], pathlib.Path]:
@@ -131,7 +121,7 @@ class Fec(tfds.core.GeneratorBasedBuilder):
 
   def __init__(self, *, image_dir: str | None = None, num_workers: int = 0, **kwargs):
     self._image_dir, self.pool = image_dir, tfds_common.make_pool(num_workers)
-    self._window = 2 * num_workers
+    self.window = 2 * num_workers
     super().__init__(**kwargs)
 
   def _info(self) -> tfds.core.DatasetInfo:
@@ -155,9 +145,8 @@ class Fec(tfds.core.GeneratorBasedBuilder):
   def _generate_examples(self, csv_path, images, split: str):
     report = tfds_common.SplitReport(csv_path.name, tfds_common.count_lines(csv_path))
     referenced, missing = set(), set()
-    rows = collections.deque()  # (line, Triplet) of the jobs in flight, in order
 
-    def jobs():
+    def rows():
       for line, fields in _rows(csv_path):
         t = _parse(fields)
         if isinstance(t, tfds_common.Skip):
@@ -171,24 +160,15 @@ class Fec(tfds.core.GeneratorBasedBuilder):
           report.skip("missing image", line, f"{os.path.basename(absent[0])} (from the URL "
                       f"{t.urls[paths.index(absent[0])]})")
           continue
-        rows.append((line, t))
-        yield tuple(tfds_common.Job(p, b, fractional=True, jpeg_only=_is_jpeg_url(u))
-                    for p, b, u in zip(paths, t.boxes, t.urls))
+        yield line, t, tuple(tfds_common.Job(p, b, fractional=True, jpeg_only=_is_jpeg_url(u))
+                             for p, b, u in zip(paths, t.boxes, t.urls))
 
-    crop = functools.partial(tfds_common.crop_jobs, config=self.builder_config)
-    progress = tfds_common.Progress(f"fec {csv_path.name}", report.lines)
-    results = tfds_common.parallel_map(crop, jobs(), self.pool, window=self._window)
-    for result in results:
-      line, t = rows.popleft()
-      progress.update(line, report)
-      if isinstance(result, tfds_common.Skip):
-        report.skip(result.reason, line, f"{os.path.basename(result.path)}: {result.detail}")
-        continue
+    for line, t, crops in tfds_common.crop_rows(self, rows(), report, images,
+                                                f"fec {csv_path.name}"):
       report.written[split] += 1
-      yield line, {"images": list(result), "label": t.label, "triplet_type": t.triplet_type,
+      yield line, {"images": list(crops), "label": t.label, "triplet_type": t.triplet_type,
                    "annotations": list(t.votes), "annotators": list(t.annotators),
                    "line": line, "urls": list(t.urls)}
-    progress.update(report.lines, report, force=True)
     report.extra.update({"distinct images referenced": len(referenced),
                          "distinct images missing": len(missing)})
     self.info.metadata[split] = report.as_dict()
@@ -219,15 +199,9 @@ def prepare(manual_dir, data_dir, *, image_size: int = 140, margin: float = 0.1,
   return tfds_common.prepare(builder, manual_dir)
 
 
-class Triplets:
+class Triplets(tfds_common.Records):
   """Random access to prepared triplets: {"images" uint8 [3, S, S, 3], "label" int32 (0-2, the
   odd face), "triplet_type" int32 (0-2), "annotations" int32 [6] (each annotator's odd face)}."""
-
-  def __init__(self, records):
-    self._records = records
-
-  def __len__(self) -> int:
-    return len(self._records)
 
   def __getitem__(self, index: int) -> dict[str, np.ndarray]:
     r = self._records[index]

@@ -69,7 +69,7 @@ class UnlabelledFaces(tfds.core.GeneratorBasedBuilder):
   code_path = epath.Path(__file__)  # tfds cannot locate files of a namespace package
 
   def __init__(self, *, num_workers: int = 0, detector_options: dict | None = None, **kwargs):
-    self.pool, self._window = tfds_common.make_pool(num_workers), 2 * num_workers
+    self.pool, self.window = tfds_common.make_pool(num_workers), 2 * num_workers
     self.detector_options = dict(detector_options or {})
     super().__init__(**kwargs)
 
@@ -100,7 +100,7 @@ class UnlabelledFaces(tfds.core.GeneratorBasedBuilder):
     written, skipped, examples = 0, {}, {}
     start = last = time.monotonic()
     paths = (os.fspath(root / f) for f in files)
-    results = tfds_common.parallel_map(crop, paths, self.pool, window=self._window, chunk=16)
+    results = tfds_common.parallel_map(crop, paths, self.pool, window=self.window, chunk=16)
     for i, (file, result) in enumerate(zip(files, results)):
       if isinstance(result, tfds_common.Skip):
         skipped[result.reason] = skipped.get(result.reason, 0) + 1
@@ -147,14 +147,8 @@ def format_report(report: dict[str, Any]) -> str:
   return "\n".join(lines)
 
 
-class Faces:
+class Faces(tfds_common.Records):
   """Random access to prepared unlabelled faces: {"image" uint8 [S, S, 3]}."""
-
-  def __init__(self, records):
-    self._records = records
-
-  def __len__(self) -> int:
-    return len(self._records)
 
   def __getitem__(self, index: int) -> dict[str, np.ndarray]:
     return {"image": tfds_common.decode_jpeg(self._records[index]["image"])}
