@@ -160,7 +160,7 @@ def train(stage: Stage, workdir: pathlib.Path, max_checkpoints: int,
   checkpoints = Checkpoints(workdir / "checkpoints", max_checkpoints,
                             every_secs=cfg.checkpoint_every_secs)
   # The next batches are read and placed (`DataParallel.batch`) by a thread while the step runs,
-  # and the first ones (Grain's worker processes starting: 2-3 s) while the state's shapes are traced.
+  # and the first ones (Grain's worker processes starting: 2-3 s) while the state is traced.
   batches = grain.experimental.ThreadPrefetchDatasetIterator(
       _Placed(stage.batches, parallel.batch), prefetch_buffer_size=PREFETCH)
   batches.start_prefetch()
