@@ -19,10 +19,11 @@ the step's CPU time. So XLA runs each single-device CPU program inline in the th
 it (`jax_cpu_enable_async_dispatch` off; its operations still use XLA's intra-op threads), and
 the loop's calls come from the main thread, whose arena grows without that limit and keeps what
 is freed: ~0 faults a step, the face train step 23.0 -> 24.2-24.9 images/s on 2 Xeon cores
-(README, *Speed*). Python waits for each call to finish instead of queueing the next; the loop's
-prefetch thread (`train.loop`) reads the batches while a step runs and, on the CPU, leaves them
-on the host for the step's call to copy (`parallel.DataParallel.batch`): placing them from Python
-held the GIL that the calling thread needs between steps, 0.3-0.5 ms of a fusion GRU's 4 ms step.
+(README, *Speed in detail*). Python waits for each call to finish instead of queueing the next;
+the loop's prefetch thread (`train.loop`) reads the batches while a step runs and, on the CPU,
+leaves them on the host for the step's call to copy (`parallel.DataParallel.batch`): placing them
+from Python held the GIL that the calling thread needs between steps, 0.3-0.5 ms of a fusion
+GRU's 4 ms step.
 For a few hours of 2026-12-01 the temporaries were split into heaps of 48 MB instead: as fast,
 but XLA cannot store such an executable in the persistent compilation cache, so every process
 compiled its steps anew (the first face step 27.8 s instead of 14). The top pad keeps glibc from
