@@ -12,6 +12,8 @@ import jax
 import ml_collections
 import numpy as np
 
+from avemo_jax import xla_cpu
+
 
 @dataclasses.dataclass(frozen=True)
 class Settings:
@@ -42,8 +44,10 @@ def machine() -> str:
   if importlib.util.find_spec("torch"):
     import torch  # pylint: disable=import-outside-toplevel
     versions.append(f"torch {torch.__version__}")
+  library = {"eigen": "Eigen", "ynnpack": "YNNPACK"}[xla_cpu.convolutions()]
+  convs = f" (XLA's convolutions: {library})" if jax.default_backend() == "cpu" else ""
   return (f"{jax.devices()[0].device_kind} ({jax.default_backend()}); {cpu}, {cores()} cores "
-          f"used; " + ", ".join(versions))
+          f"used{convs}; " + ", ".join(versions))
 
 
 def _stats(values: list[float], unit: str) -> dict[str, Any]:

@@ -53,7 +53,7 @@ _gc_lock = threading.Lock()
 _gc_pauses, _gc_was_enabled = 0, True
 
 
-def _computes_on_cpu() -> bool:
+def computes_on_cpu() -> bool:
   """Whether JAX will compute on the CPU, decided without starting a backend (whose threads
   would allocate before the settings)."""
   platforms = os.environ.get("JAX_PLATFORMS", "")
@@ -75,7 +75,7 @@ def keep_freed_memory() -> bool:
   if arenas and not (arenas.isdigit() and int(arenas) > 0):
     raise ValueError(f"AVEMO_MALLOC_ARENAS={arenas!r}: set a positive number of malloc arenas "
                      "(1: one for all threads), or leave it unset for glibc's per-thread arenas")
-  if _done or setting == "0" or (setting != "1" and not _computes_on_cpu()):
+  if _done or setting == "0" or (setting != "1" and not computes_on_cpu()):
     return _done
   if not sys.platform.startswith("linux"):
     return False

@@ -1,4 +1,5 @@
-"""8 fake CPU devices and a persistent compilation cache, set before JAX starts."""
+"""8 fake CPU devices, a persistent compilation cache and the CPU settings of `avemo_jax.main`,
+set before JAX starts."""
 import os
 import pathlib
 
@@ -7,9 +8,10 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
                       str(pathlib.Path.home() / ".cache" / "avemo_jax_tests_xla"))
 
-from avemo_jax import hostmem  # noqa: E402
+from avemo_jax import hostmem, xla_cpu  # noqa: E402
 
 hostmem.keep_freed_memory()  # as avemo_jax.main: XLA's CPU buffers are not re-faulted each call
+xla_cpu.configure()  # as avemo_jax.main: XLA's fastest convolutions on this CPU
 import jax  # noqa: E402
 import pytest  # noqa: E402
 from absl import flags  # noqa: E402

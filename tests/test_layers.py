@@ -22,9 +22,17 @@ CONVS = [((3, 3), 1, "SAME"), ((3, 3), 1, "VALID"), ((3, 3), 1, ((0, 2), (1, 0))
          ((1, 1), 2, "VALID"), ((3, 1), 1, ((1, 1), (0, 0)))]
 
 
+@pytest.fixture(params=["ynnpack", "eigen"])
+def convolutions(request, monkeypatch):
+  """Both CPU forms of the kxk convolutions whatever XLA_FLAGS say: ours for YNNPACK's, XLA's
+  plain ones for Eigen's (`xla_cpu.convolutions`)."""
+  monkeypatch.setattr(layers.xla_cpu, "convolutions", lambda: request.param)
+  return request.param
+
+
 @pytest.mark.parametrize("batch", [1, 2])  # the weight gradient's two forms (_batch_product)
 @pytest.mark.parametrize("kernel,stride,padding", CONVS)
-def test_conv_equals_flax_conv(kernel, stride, padding, batch):
+def test_conv_equals_flax_conv(kernel, stride, padding, batch, convolutions):
   x = jnp.asarray(np.random.default_rng(0).normal(size=(batch, 11, 12, 5)), jnp.float32)
   ours = layers.Conv(6, kernel, strides=stride, padding=padding)
   flax_conv = nn.Conv(6, kernel, strides=stride, padding=padding)
@@ -38,6 +46,9 @@ def test_conv_equals_flax_conv(kernel, stride, padding, batch):
   flax_grad = jax.grad(loss(flax_conv), argnums=(0, 1))(variables, x)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-4, rtol=1e-4),
                ours_grad, flax_grad)
+  jaxpr = str(jax.make_jaxpr(ours.apply)(variables, x))
+  assert ("platform_index" in jaxpr) == (kernel == (1, 1) and stride == 1 or
+                                         convolutions == "ynnpack")
   with layers.portable():  # plain convolutions only, as the ONNX converter traces them
     jaxpr = str(jax.make_jaxpr(ours.apply)(variables, x))
   assert "platform_index" not in jaxpr
@@ -49,6 +60,7 @@ def test_kernel_gradient_in_chunks_of_the_batch(kernel, stride, padding, images_
                                                 monkeypatch):
   """The kernel gradient summed over chunks of the batch equals Flax's, on one device and with
   the batch sharded over 8 (the chunks interleave images, so each device keeps its own)."""
+  monkeypatch.setattr(layers.xla_cpu, "convolutions", lambda: "ynnpack")  # ours: XLA's default
   x = jnp.asarray(np.random.default_rng(0).normal(size=(8, 11, 12, 5)), jnp.float32)
   ours, flax_conv = (conv(6, kernel, strides=stride, padding=padding)
                      for conv in (layers.Conv, nn.Conv))

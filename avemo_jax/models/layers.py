@@ -4,14 +4,16 @@ Measured on 2 EPYC cores (jax 0.10.2, batch 32, the face network's own shapes, f
 `avemo_jax.hostmem`):
 - a 1x1 convolution is a matrix product over the channels (all platforms): 17x17x128 -> 128 at
   180 against 395 GFLOP/s as a product, 8x8x896 -> 128 at 197 against 440;
-- a kxk convolution on CPU (`_cpu_conv`, its own gradient): forward at stride 1 by XLA's
-  convolution, padded by at least one on every side and cropped (XLA runs unpadded windows
-  1.3-2.5x slower: 69x69x32 -> 32 33.7 -> 13.5 ms), strided as im2col (the strided slices of its
-  taps concatenated over channels, times the reshaped kernel); the input gradient by XLA's
-  transposed convolution, the kernel gradient as dy^T im2col(x) (`_batch_product`; XLA's
-  kernel-gradient convolution ran 1.5-2x slower), summed over chunks of the batch whose columns
-  stay small (`_kernel_grad`). Against im2col both ways, 67x67x32 -> 64 with gradients 100 -> 90
-  ms, the teacher step 1115 -> 1051 ms;
+- a kxk convolution on CPU, where XLA runs it with YNNPACK (`xla_cpu`: XLA's default except on
+  Intel CPUs), is `_cpu_conv`, with its own gradient; where XLA runs it with Eigen, XLA's plain
+  convolution (on 2 Xeon cores the fastest form, forward and gradients). `_cpu_conv`: forward at
+  stride 1 by XLA's convolution, padded by at least one on every side and cropped (XLA runs
+  unpadded windows 1.3-2.5x slower: 69x69x32 -> 32 33.7 -> 13.5 ms), strided as im2col (the
+  strided slices of its taps concatenated over channels, times the reshaped kernel); the input
+  gradient by XLA's transposed convolution, the kernel gradient as dy^T im2col(x)
+  (`_batch_product`; XLA's kernel-gradient convolution ran 1.5-2x slower), summed over chunks of
+  the batch whose columns stay small (`_kernel_grad`). Against im2col both ways, 67x67x32 -> 64
+  with gradients 100 -> 90 ms, the teacher step 1115 -> 1051 ms;
 - 3x3/2 max pooling on CPU is the maximum of its 9 strided slices (forward 67x67x64 6.8 -> 1.5
   ms), its gradient routed by the forward's first maximal window position (`_cpu_max_pool`): that
   of autodiff through the maxima chain recomputed it per tap and cost 95 ms in the teacher step
@@ -31,6 +33,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from jax import lax
+
+from avemo_jax import xla_cpu
 
 _state = threading.local()
 
@@ -185,7 +189,7 @@ def conv_general_dilated(lhs: jax.Array, rhs: jax.Array, window_strides, padding
                          feature_group_count: int = 1, batch_group_count: int = 1,
                          precision=None, preferred_element_type=None) -> jax.Array:
   """`lax.conv_general_dilated`; 1x1 kernels as a matrix product (`_cpu_pointwise` on CPU), kxk
-  ones `_cpu_conv` on CPU."""
+  ones `_cpu_conv` on CPU when XLA's convolutions are YNNPACK's (`xla_cpu.convolutions`)."""
   plain = functools.partial(
       lax.conv_general_dilated, window_strides=window_strides, padding=padding,
       lhs_dilation=lhs_dilation, rhs_dilation=rhs_dilation, dimension_numbers=dimension_numbers,
@@ -204,6 +208,8 @@ def conv_general_dilated(lhs: jax.Array, rhs: jax.Array, window_strides, padding
     return lax.platform_dependent(lhs, rhs.reshape(rhs.shape[2:]),
                                   cpu=functools.partial(_cpu_pointwise, **options),
                                   default=functools.partial(_matmul, **options))
+  if xla_cpu.convolutions() == "eigen":  # XLA's own kxk convolutions: its fastest form there
+    return plain(lhs, rhs)
   cpu = functools.partial(_cpu_conv, strides=strides, pads=tuple(map(tuple, pads)), **options)
   return lax.platform_dependent(lhs, rhs, cpu=cpu, default=plain)
 

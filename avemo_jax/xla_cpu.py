@@ -1,0 +1,61 @@
+"""Which library computes XLA's convolutions on the CPU, chosen before its backend starts.
+
+jax 0.10.2's XLA hands kxk convolutions to YNNPACK (`__ynn_fusion` in the compiled HLO). On 2 Intel
+Xeon cores (KVM, AVX-512) YNNPACK ran them at about half PyTorch/oneDNN's speed (batch 32, 33x33x80
+-> 192: 60 ms forward against 31; 67x67x32 -> 64: 43 against 23, on one core) where XLA's own
+convolutions (Eigen's) ran the forward as fast as torch (31 and 23 ms) and the two gradients in
+0.9-1.5x its time (94 against 73, 71 against 55 ms): the face train step 0.89 -> 1.03-1.05 of
+torch's speed, face inference 0.97 -> 1.28-1.29 (README, *Speed in detail*). On 2 AMD EPYC (Zen 5)
+cores YNNPACK's ran twice as fast as on the Xeon and Eigen's were no faster per core: the face
+train step fell 9% without YNNPACK's (measured with the convolution forms of `models.layers` for
+YNNPACK).
+So "auto" (the default) routes the convolutions to Eigen on Intel CPUs and keeps XLA's default
+elsewhere; AVEMO_CPU_CONVOLUTIONS=eigen or =ynnpack chooses, and the user's own
+--xla_cpu_experimental_ynn_fusion_type in XLA_FLAGS is left alone. `models.layers` reads the choice
+back from XLA_FLAGS (`convolutions`): XLA's plain convolutions with Eigen, its own forms of the kxk
+ones (padded, im2col products) with YNNPACK.
+"""
+import os
+import pathlib
+
+from avemo_jax import hostmem
+
+ENV = "AVEMO_CPU_CONVOLUTIONS"
+CHOICES = ("auto", "eigen", "ynnpack")
+_FLAG = "--xla_cpu_experimental_ynn_fusion_type"
+_CONVOLUTION = "LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION"
+
+
+def _intel() -> bool:
+  info = pathlib.Path("/proc/cpuinfo")
+  return info.exists() and "GenuineIntel" in info.read_text()
+
+
+def configure() -> str:
+  """Sets XLA_FLAGS for the chosen convolutions (call before the XLA backend starts, as
+  `hostmem.keep_freed_memory`); returns what XLA will use, "eigen" or "ynnpack". A no-op where
+  XLA does not compute on the CPU."""
+  choice = os.environ.get(ENV) or "auto"
+  if choice not in CHOICES:
+    raise ValueError(f"{ENV}={choice!r}: set one of {', '.join(CHOICES)} (auto: Eigen's "
+                     "convolutions on Intel CPUs, YNNPACK's elsewhere), or leave it unset")
+  flags = os.environ.get("XLA_FLAGS", "")
+  if _FLAG in flags or not hostmem.computes_on_cpu():
+    return convolutions()
+  if choice == "eigen" or (choice == "auto" and _intel()):
+    os.environ["XLA_FLAGS"] = f"{flags} {_FLAG}=-{_CONVOLUTION}".strip()
+  return convolutions()
+
+
+def convolutions() -> str:
+  """"eigen" when XLA_FLAGS take convolutions from YNNPACK (the flag's last value removes them,
+  or lists fusion types without them), else "ynnpack", XLA's default."""
+  values = [f.split("=", 1)[1] for f in os.environ.get("XLA_FLAGS", "").split()
+            if f.startswith(_FLAG + "=")]
+  if not values:
+    return "ynnpack"
+  types = [t.strip() for t in values[-1].split(",") if t.strip()]
+  if f"-{_CONVOLUTION}" in types:
+    return "eigen"
+  relative = types and all(t[0] in "+-" for t in types)
+  return "ynnpack" if relative or _CONVOLUTION in types else "eigen"
