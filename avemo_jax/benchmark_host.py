@@ -18,7 +18,7 @@ import ml_collections
 import tensorflow_datasets as tfds
 from PIL import Image
 
-from avemo_jax import hostmem, parallel, xla_cpu
+from avemo_jax import parallel, xla_cpu
 from avemo_jax.benchmark_common import Settings, alternate, cores, face_batch
 from avemo_jax.data import affectnet, fec, pipeline, synthetic
 from avemo_jax.train import build, steps
@@ -28,8 +28,7 @@ from avemo_jax.train import state as state_lib
 def first_step(spec: dict[str, Any]) -> None:
   """In a fresh process (`first_step_seconds`): build the face network, initialise it, compile
   and run one teacher step as the training loop does, then print the wall-clock time."""
-  hostmem.keep_freed_memory()  # as avemo_jax.main does
-  xla_cpu.configure()  # before XLA starts: its fastest convolutions on this CPU
+  xla_cpu.prepare()  # as avemo_jax.main does
   config = ml_collections.ConfigDict(spec["config"])
   model = build.face_model(config.model, dtype=config.dtype)
   stage, par = config.teacher, parallel.DataParallel(config.parallel.backend)

@@ -5,7 +5,7 @@ import pathlib
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from avemo_jax import hostmem, parallel, xla_cpu
+from avemo_jax import parallel, xla_cpu
 from avemo_jax.train import stages
 from avemo_jax.train import workdir as workdir_lib
 
@@ -24,8 +24,7 @@ def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   logging.get_absl_logger().addFilter(_quiet_orbax)
-  hostmem.keep_freed_memory()  # before XLA's threads start: no re-faulted buffers every step
-  xla_cpu.configure()  # before XLA starts: its fastest convolutions on this CPU
+  xla_cpu.prepare()  # before XLA's threads start: no re-faulted buffers, its fastest convolutions
   parallel.initialize(_CONFIG.value.parallel)  # before anything touches a device
   if not parallel.is_main_process():
     logging.set_verbosity(logging.WARNING)

@@ -31,6 +31,15 @@ def _intel() -> bool:
   return info.exists() and "GenuineIntel" in info.read_text()
 
 
+def prepare() -> None:
+  """The CPU settings of every entry point (`avemo_jax.main`, the tools, the benchmark's fresh
+  processes, the tests), applied before XLA starts: malloc keeps what it frees and XLA runs CPU
+  programs inline (`hostmem.keep_freed_memory`), and XLA computes the convolutions with the
+  faster library on this CPU (`configure`)."""
+  hostmem.keep_freed_memory()
+  configure()
+
+
 def configure() -> str:
   """Sets XLA_FLAGS for the chosen convolutions (call before the XLA backend starts, as
   `hostmem.keep_freed_memory`); returns what XLA will use, "eigen" or "ynnpack". A no-op where

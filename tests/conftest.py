@@ -8,10 +8,9 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
                       str(pathlib.Path.home() / ".cache" / "avemo_jax_tests_xla"))
 
-from avemo_jax import hostmem, xla_cpu  # noqa: E402
+from avemo_jax import xla_cpu  # noqa: E402
 
-hostmem.keep_freed_memory()  # as avemo_jax.main: XLA's CPU buffers are not re-faulted each call
-xla_cpu.configure()  # as avemo_jax.main: XLA's fastest convolutions on this CPU
+xla_cpu.prepare()  # as avemo_jax.main: no re-faulted CPU buffers, XLA's fastest convolutions
 import jax  # noqa: E402
 import pytest  # noqa: E402
 from absl import flags  # noqa: E402

@@ -21,7 +21,7 @@ from absl import app, flags, logging
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # `configs` importable
 
-from avemo_jax import benchmark, hostmem, xla_cpu  # noqa: E402
+from avemo_jax import benchmark, xla_cpu  # noqa: E402
 from configs import distill  # noqa: E402
 
 _OUT = flags.DEFINE_string("out", None, "Write the results as JSON to this file.")
@@ -49,8 +49,7 @@ _QUICK = flags.DEFINE_bool("quick", False, "The :tiny configs, tiny batches, 1 w
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  hostmem.keep_freed_memory()  # as avemo_jax.main does: training speed, not malloc's
-  xla_cpu.configure()  # before XLA starts: its fastest convolutions on this CPU
+  xla_cpu.prepare()  # as avemo_jax.main does: training speed, not malloc's
   quick = _QUICK.value
   has_torch = importlib.util.find_spec("torch") is not None
   if _PEER.value == "on" and not has_torch:

@@ -13,7 +13,7 @@ import pathlib
 
 from absl import app, flags
 
-from avemo_jax import export_eval, hostmem, xla_cpu
+from avemo_jax import export_eval, xla_cpu
 
 __doc__ += "\n" + export_eval.__doc__
 
@@ -31,8 +31,7 @@ _FEATURES = flags.DEFINE_string("features_from", None, "Fusion models: a trainin
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  hostmem.keep_freed_memory()  # as avemo_jax.main
-  xla_cpu.configure()  # before XLA starts: its fastest convolutions on this CPU
+  xla_cpu.prepare()  # as avemo_jax.main
   out = _OUT.value or str(pathlib.Path(_EXPORT.value) / "evaluation")
   result = export_eval.evaluate(_EXPORT.value, out, data=_DATA.value, data_dir=_DATA_DIR.value,
                                 features_from=_FEATURES.value)

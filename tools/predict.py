@@ -20,7 +20,7 @@ from absl import app, flags
 
 import detector_flags  # tools/, next to this file
 
-from avemo_jax import hostmem, predict, xla_cpu
+from avemo_jax import predict, xla_cpu
 from avemo_jax.data import faces
 
 __doc__ += "\n" + predict.__doc__
@@ -77,8 +77,7 @@ def _images(detector: faces.FaceDetector) -> None:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  hostmem.keep_freed_memory()  # as avemo_jax.main
-  xla_cpu.configure()  # before XLA starts: its fastest convolutions on this CPU
+  xla_cpu.prepare()  # as avemo_jax.main
   if bool(_VIDEO.value) == bool(_IMAGES.value):
     raise app.UsageError("give either --video=FILE or --image=FILE (repeatable)")
   detector = faces.FaceDetector(**detector_flags.options())
