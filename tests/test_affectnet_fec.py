@@ -5,6 +5,7 @@ import json
 import pathlib
 import subprocess
 import sys
+import tempfile
 
 import grain
 import numpy as np
@@ -12,7 +13,7 @@ import pytest
 from PIL import Image
 
 import official_fixtures
-from avemo_jax.data import affectnet, faces, fec, tfds_common
+from avemo_jax.data import affectnet, faces, fec, recola, tfds_common, unlabelled
 
 SIZE = 48
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -238,3 +239,16 @@ def test_prepare_tools_print_the_report(affectnet_data, fec_data, tmp_path):
   urls = tmp_path / "urls.txt"
   out = _tool("tools/prepare_fec.py", f"--manual_dir={fec_root / 'manual'}", f"--list_urls={urls}")
   assert "10 distinct image URLs" in out and len(urls.read_text().split()) == 10
+
+
+@pytest.mark.parametrize("builder", [affectnet.Affectnet, fec.Fec, recola.Recola,
+                                     unlabelled.UnlabelledFaces])
+def test_builders_leave_no_temporary_directory(builder, tmp_path, monkeypatch):
+  """A builder whose data is not prepared yet once asked TFDS's catalog bucket for its metadata,
+  which left an empty `tmp*tfds` directory in the system's temporary folder every time."""
+  temp = tmp_path / "temp"
+  temp.mkdir()
+  monkeypatch.setattr(tempfile, "tempdir", str(temp))
+  made = builder(config=tfds_common.crop_config(SIZE, 0.0, 90), data_dir=tmp_path / "data")
+  assert not made.is_prepared() and made.info.features is not None
+  assert not list(temp.iterdir())

@@ -120,7 +120,7 @@ class Affectnet(tfds.core.GeneratorBasedBuilder):
 
   def _info(self) -> tfds.core.DatasetInfo:
     scalar = lambda dtype, doc: tfds.features.Tensor(shape=(), dtype=dtype, doc=doc)
-    return tfds.core.DatasetInfo(
+    return tfds_common.DatasetInfo(
         builder=self, metadata=tfds.core.MetadataDict(),
         features=tfds.features.FeaturesDict({
             "image": scalar(np.object_, "JPEG bytes of the square face crop"),

@@ -126,7 +126,7 @@ class Fec(tfds.core.GeneratorBasedBuilder):
 
   def _info(self) -> tfds.core.DatasetInfo:
     tensor = lambda shape, dtype, doc: tfds.features.Tensor(shape=shape, dtype=dtype, doc=doc)
-    return tfds.core.DatasetInfo(
+    return tfds_common.DatasetInfo(
         builder=self, metadata=tfds.core.MetadataDict(),
         features=tfds.features.FeaturesDict({
             "images": tensor((3,), np.object_, "JPEG bytes of the three square face crops"),

@@ -77,7 +77,7 @@ class Recola(tfds.core.GeneratorBasedBuilder):
 
   def _info(self) -> tfds.core.DatasetInfo:
     tensor = lambda shape, dtype, doc: tfds.features.Tensor(shape=shape, dtype=dtype, doc=doc)
-    return tfds.core.DatasetInfo(
+    return tfds_common.DatasetInfo(
         builder=self, metadata=tfds.core.MetadataDict(), disable_shuffling=True,
         features=tfds.features.FeaturesDict({
             "image": tensor((), np.object_, "JPEG bytes of the square face crop"),

@@ -33,6 +33,15 @@ from avemo_jax.data import faces
 MAX_EXAMPLES = 5  # CSV lines quoted per skip reason in a report
 
 
+class DatasetInfo(tfds.core.DatasetInfo):
+  """`tfds.core.DatasetInfo` that never looks for our data sets in TFDS's catalog bucket (they
+  are not there): the stock lookup, made whenever a builder's data is not prepared yet, left an
+  empty `/tmp/tmp*tfds` directory behind each time."""
+
+  def initialize_from_bucket(self) -> None:
+    return
+
+
 @dataclasses.dataclass(eq=False)
 class CropConfig(tfds.core.BuilderConfig):
   """One prepared variant: crops of side `size` around the box enlarged by `margin`."""

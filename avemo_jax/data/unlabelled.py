@@ -75,7 +75,7 @@ class UnlabelledFaces(tfds.core.GeneratorBasedBuilder):
 
   def _info(self) -> tfds.core.DatasetInfo:
     tensor = lambda shape, dtype, doc: tfds.features.Tensor(shape=shape, dtype=dtype, doc=doc)
-    return tfds.core.DatasetInfo(
+    return tfds_common.DatasetInfo(
         builder=self, metadata=tfds.core.MetadataDict(),
         features=tfds.features.FeaturesDict({
             "image": tensor((), np.object_, "JPEG bytes of the square crop of the largest face"),
