@@ -228,7 +228,9 @@ def _write(final: pathlib.Path, name: str, fn: Fn, variables, inputs, outputs, i
   exported.write_safetensors(out / exported.VARIABLES, flat)
   # The loader rebuilds the variables with unflatten: trace with exactly that tree.
   tree = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), exported.unflatten(flat))
-  function = jax.export.export(jax.jit(fn), platforms=PLATFORMS)(tree, _shapes(inputs))
+  from avemo_jax.models import layers  # here: `load` (re-exported above) must not import Flax
+  with layers.every_platform():
+    function = jax.export.export(jax.jit(fn), platforms=PLATFORMS)(tree, _shapes(inputs))
   (out / exported.FUNCTION).write_bytes(function.serialize())
   (out / exported.CONFIG).write_text(config.to_json(indent=2) + "\n")
   shutil.copyfile(exported.__file__, out / "load.py")

@@ -39,6 +39,12 @@ def test_export_load_evaluate(tiny_run, tmp_path):
                 for p in (workdir / "export").rglob("manifest.json")) == sorted(MODELS)
   assert not list((workdir / "export").rglob(".*"))  # the temporary directories were renamed
   _check_manifests(workdir)
+  # Lowered for every platform, the face networks keep both forms of their 1x1 convolutions and
+  # max pooling (`layers.every_platform`): the reduce-window is the max pooling of GPUs and TPUs.
+  function = jax.export.deserialize(bytearray(
+      (workdir / "export" / "student" / exported.FUNCTION).read_bytes()))
+  assert function.platforms == export.PLATFORMS
+  assert "stablehlo.reduce_window" in function.mlir_module()
   _check_reload(workdir, tmp_path / "reload")
   _check_fresh_process(config, workdir)
   _check_evaluation(workdir, summary, tmp_path / "evaluation")

@@ -46,12 +46,14 @@ def test_conv_equals_flax_conv(kernel, stride, padding, batch, convolutions):
   flax_grad = jax.grad(loss(flax_conv), argnums=(0, 1))(variables, x)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-4, rtol=1e-4),
                ours_grad, flax_grad)
-  jaxpr = str(jax.make_jaxpr(ours.apply)(variables, x))
-  assert ("platform_index" in jaxpr) == (kernel == (1, 1) and stride == 1 or
-                                         convolutions == "ynnpack")
+  jaxpr = lambda: str(jax.make_jaxpr(ours.apply)(variables, x))
+  ours_on_cpu = kernel == (1, 1) and stride == 1 or convolutions == "ynnpack"
+  with layers.every_platform():  # both forms, as avemo_jax.export lowers for several platforms
+    assert ("platform_index" in jaxpr()) == ours_on_cpu
+  # Otherwise the form of this backend (CPU) alone, chosen while tracing.
+  assert "platform_index" not in jaxpr() and ("custom_vjp" in jaxpr()) == ours_on_cpu
   with layers.portable():  # plain convolutions only, as the ONNX converter traces them
-    jaxpr = str(jax.make_jaxpr(ours.apply)(variables, x))
-  assert "platform_index" not in jaxpr
+    assert "platform_index" not in jaxpr() and "custom_vjp" not in jaxpr()
 
 
 @pytest.mark.parametrize("images_per_chunk", [1, 2, 4])
@@ -75,6 +77,17 @@ def test_kernel_gradient_in_chunks_of_the_batch(kernel, stride, padding, images_
       jax.sharding.Mesh(jax.devices()[:8], ("batch",)), jax.sharding.PartitionSpec("batch")))
   for got in (grad(variables, x), grad(variables, sharded)):
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-4, rtol=1e-4), got, want)
+
+
+def test_forms_chosen_by_the_backend_unless_lowered_for_every_platform():
+  """Traced for this process's backend, only its form is in the program; under `every_platform`
+  (avemo_jax.export) a program lowered for CPU and CUDA carries both, switched per platform."""
+  x = jax.ShapeDtypeStruct((2, 15, 16, 4), jnp.float32)
+  pool = jax.jit(lambda x: layers.max_pool(x, (3, 3), (2, 2)))
+  module = lambda: jax.export.export(pool, platforms=("cpu", "cuda"))(x).mlir_module()
+  assert "reduce_window" not in module()  # CPU's strided slices alone
+  with layers.every_platform():
+    assert "reduce_window" in module()  # and the reduce-window GPUs run
 
 
 @pytest.mark.parametrize("window,strides,shape", [((3, 3), (2, 2), (2, 15, 16, 4)),

@@ -18,15 +18,14 @@ Measured on 2 EPYC cores (jax 0.10.2, batch 32, the face network's own shapes, f
   ms), its gradient routed by the forward's first maximal window position (`_cpu_max_pool`): that
   of autodiff through the maxima chain recomputed it per tap and cost 95 ms in the teacher step
   (1231 -> 1141 ms); XLA's reduce-window gradient (select-and-scatter) 77.6 ms alone.
-On GPU and TPU (`lax.platform_dependent`) they stay convolutions and reduce-windows. Parameters
-(names, shapes) are `nn.Conv`'s, so checkpoints and converted weights are unchanged; results equal
+On GPU and TPU they stay convolutions and reduce-windows (the form chosen by the backend while
+tracing, or by `lax.platform_dependent` under `every_platform`). Parameters (names, shapes) are
+`nn.Conv`'s, so checkpoints and converted weights are unchanged; results equal
 `lax.conv_general_dilated`'s to float32 rounding, and max pooling's exactly, gradients included
 (ties go to the first position, as select-and-scatter's). Dilated, grouped and non-2-D
 convolutions pass through unchanged.
 """
-import contextlib
 import functools
-import threading
 from typing import Any
 
 import flax.linen as nn
@@ -36,18 +35,29 @@ from jax import lax
 
 from avemo_jax import xla_cpu
 
-_state = threading.local()
+# Contexts in jit's cache keys: a function traced outside one is traced again inside it.
+_portable = jax.make_user_context(False)
+_every_platform = jax.make_user_context(False)
 
 
-@contextlib.contextmanager
 def portable():
   """No platform switch: plain convolutions, max pooling as strided slices (exact, and expressible
   in ONNX, whose converters do not take `platform_dependent` or every reduce-window)."""
-  previous, _state.portable = getattr(_state, "portable", False), True
-  try:
-    yield
-  finally:
-    _state.portable = previous
+  return _portable(True)
+
+
+def every_platform():
+  """Both forms, chosen by `lax.platform_dependent` when lowering: for programs lowered for
+  several platforms (`jax.export` in avemo_jax.export). Otherwise the form of this process's
+  backend is chosen while tracing, the other neither traced nor differentiated (the face train
+  step's trace 2.9 -> 2.5 s on 2 CPU cores)."""
+  return _every_platform(True)
+
+
+def _by_platform(*args: jax.Array, cpu, default) -> jax.Array:
+  if _every_platform.value:
+    return lax.platform_dependent(*args, cpu=cpu, default=default)
+  return (cpu if jax.default_backend() == "cpu" else default)(*args)
 
 
 def _channels_last(dimension_numbers, spatial: int) -> bool:
@@ -199,19 +209,19 @@ def conv_general_dilated(lhs: jax.Array, rhs: jax.Array, window_strides, padding
   options = {"precision": precision, "preferred_element_type": preferred_element_type}
   if (rhs.ndim != 4 or not _channels_last(dimension_numbers, 2) or not ones(lhs_dilation)
       or not ones(rhs_dilation) or feature_group_count != 1 or batch_group_count != 1
-      or getattr(_state, "portable", False)):
+      or _portable.value):
     return plain(lhs, rhs)
   strides = tuple(window_strides) if window_strides else (1, 1)
   pads = (lax.padtype_to_pads(lhs.shape[1:3], rhs.shape[:2], strides, padding)
           if isinstance(padding, str) else [tuple(p) for p in padding])
   if rhs.shape[:2] == (1, 1) and strides == (1, 1) and all(p == (0, 0) for p in pads):
-    return lax.platform_dependent(lhs, rhs.reshape(rhs.shape[2:]),
-                                  cpu=functools.partial(_cpu_pointwise, **options),
-                                  default=functools.partial(_matmul, **options))
+    return _by_platform(lhs, rhs.reshape(rhs.shape[2:]),
+                        cpu=functools.partial(_cpu_pointwise, **options),
+                        default=functools.partial(_matmul, **options))
   if xla_cpu.convolutions() == "eigen":  # XLA's own kxk convolutions: its fastest form there
     return plain(lhs, rhs)
   cpu = functools.partial(_cpu_conv, strides=strides, pads=tuple(map(tuple, pads)), **options)
-  return lax.platform_dependent(lhs, rhs, cpu=cpu, default=plain)
+  return _by_platform(lhs, rhs, cpu=cpu, default=plain)
 
 
 Conv: Any = functools.partial(nn.Conv, conv_general_dilated=conv_general_dilated)
@@ -258,8 +268,8 @@ _cpu_max_pool.defvjp(_cpu_max_pool_fwd, _cpu_max_pool_bwd)
 
 def max_pool(x: jax.Array, window: tuple[int, int], strides: tuple[int, int]) -> jax.Array:
   """`nn.max_pool(x, window, strides, padding="VALID")` of NHWC x; strided slices on CPU."""
-  if getattr(_state, "portable", False):
+  if _portable.value:
     return _slice_max_pool(x, window, strides)
   plain = lambda x: nn.max_pool(x, window, strides=strides, padding="VALID")
   cpu = functools.partial(_cpu_max_pool, window=window, strides=strides, shape=x.shape)
-  return lax.platform_dependent(x, cpu=cpu, default=plain)
+  return _by_platform(x, cpu=cpu, default=plain)
