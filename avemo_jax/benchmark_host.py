@@ -2,6 +2,7 @@
 step (with an empty and a filled compilation cache), the face input pipelines in images/s per
 core (synthetic, and faces prepared into ArrayRecord by the project's builders), and
 `predict.predict_video` end to end in video frames/s."""
+import contextlib
 import csv
 import functools
 import json
@@ -125,8 +126,9 @@ def arrayrecord_pipeline_row(config, s: Settings) -> dict[str, Any]:
   with tempfile.TemporaryDirectory() as tmp:
     root, size, margin = pathlib.Path(tmp), config.data.image_size, config.data.crop_margin
     _write_manual(root, config, faces=64, triplets=32)
-    affectnet.prepare(root / "affectnet", root / "data", image_size=size, margin=margin)
-    fec.prepare(root / "fec", root / "data", image_size=size, margin=margin)
+    with contextlib.redirect_stdout(sys.stderr):  # tfds prints its progress: stdout is the table's
+      affectnet.prepare(root / "affectnet", root / "data", image_size=size, margin=margin)
+      fec.prepare(root / "fec", root / "data", image_size=size, margin=margin)
     config = config.copy_and_resolve_references()
     with config.unlocked():
       config.data.update(source="tfds", data_dir=str(root / "data"), unlabelled="affectnet")
