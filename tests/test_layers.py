@@ -79,6 +79,21 @@ def test_kernel_gradient_in_chunks_of_the_batch(kernel, stride, padding, images_
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-4, rtol=1e-4), got, want)
 
 
+@pytest.mark.parametrize("kernel", [(1, 1), (3, 3)])
+def test_dimension_numbers_in_any_form_lax_takes(kernel, monkeypatch):
+  """Channels-last said as strings or as `ConvDimensionNumbers` takes the same (CPU) form."""
+  monkeypatch.setattr(layers.xla_cpu, "convolutions", lambda: "ynnpack")
+  x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 9, 10, 5)), jnp.float32)
+  w = jnp.asarray(np.random.default_rng(1).normal(size=(*kernel, 5, 6)), jnp.float32)
+  names = ("NHWC", "HWIO", "NHWC")
+  conv = lambda numbers: lambda x, w: layers.conv_general_dilated(x, w, (1, 1), "VALID",
+                                                                   dimension_numbers=numbers)
+  want = jax.lax.conv_general_dilated(x, w, (1, 1), "VALID", dimension_numbers=names)
+  for numbers in (names, jax.lax.conv_dimension_numbers(x.shape, w.shape, names)):
+    assert "custom_vjp" in str(jax.make_jaxpr(conv(numbers))(x, w))
+    np.testing.assert_allclose(conv(numbers)(x, w), want, atol=1e-5, rtol=1e-5)
+
+
 def test_forms_chosen_by_the_backend_unless_lowered_for_every_platform():
   """Traced for this process's backend, only its form is in the program; under `every_platform`
   (avemo_jax.export) a program lowered for CPU and CUDA carries both, switched per platform."""

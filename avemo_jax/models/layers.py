@@ -60,12 +60,13 @@ def _by_platform(*args: jax.Array, cpu, default) -> jax.Array:
   return (cpu if jax.default_backend() == "cpu" else default)(*args)
 
 
-def _channels_last(dimension_numbers, spatial: int) -> bool:
-  if dimension_numbers is None:
-    return False
-  lhs, rhs, out = map(tuple, dimension_numbers)
-  return (lhs == out == (0, spatial + 1, *range(1, spatial + 1))
-          and rhs == (spatial + 1, spatial, *range(spatial)))
+def _channels_last(lhs: jax.Array, rhs: jax.Array, dimension_numbers) -> bool:
+  """NHWC input and output, HWIO kernel, however `dimension_numbers` says it (as lax takes it)."""
+  spatial = lhs.ndim - 2
+  lhs_spec, rhs_spec, out_spec = lax.conv_dimension_numbers(lhs.shape, rhs.shape,
+                                                           dimension_numbers)
+  return (tuple(lhs_spec) == tuple(out_spec) == (0, spatial + 1, *range(1, spatial + 1))
+          and tuple(rhs_spec) == (spatial + 1, spatial, *range(spatial)))
 
 
 def _matmul(x: jax.Array, w: jax.Array, precision, preferred_element_type) -> jax.Array:
@@ -207,7 +208,7 @@ def conv_general_dilated(lhs: jax.Array, rhs: jax.Array, window_strides, padding
       precision=precision, preferred_element_type=preferred_element_type)
   ones = lambda v: v is None or all(d == 1 for d in v)
   options = {"precision": precision, "preferred_element_type": preferred_element_type}
-  if (rhs.ndim != 4 or not _channels_last(dimension_numbers, 2) or not ones(lhs_dilation)
+  if (rhs.ndim != 4 or not _channels_last(lhs, rhs, dimension_numbers) or not ones(lhs_dilation)
       or not ones(rhs_dilation) or feature_group_count != 1 or batch_group_count != 1
       or _portable.value):
     return plain(lhs, rhs)
