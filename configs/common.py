@@ -70,6 +70,11 @@ def schedule_config(tiny: bool, *, steps: int, lr: float) -> ml_collections.Conf
   # A step whose loss or gradient norm is not finite changes nothing; then
   # "stop" the run (naming the step, the terms and the last good checkpoint) or "skip" it (counted).
   s.on_nonfinite = "stop"
+  # A jax.profiler trace of `profile_steps` steps (0: none) from the `profile_first`-th step the
+  # process runs (1: the first, which compiles), into WORKDIR/<stage>/profile (TensorBoard's
+  # profile plugin reads the .xplane.pb, Perfetto the .trace.json.gz).
+  s.profile_steps = 0
+  s.profile_first = 10
   return s
 
 

@@ -124,6 +124,8 @@ CASES = {
     "float16": (_run(dtype="float16"), ValueError, r"config.dtype='float16'"),
     "unknown on_nonfinite": (_run(**{"student.on_nonfinite": "ignore"}), ValueError,
                              r"config.student.on_nonfinite='ignore'"),
+    "profile before the first step": (_run(**{"audio.train.profile_first": 0}), ValueError,
+                                      r"config.audio.train.profile_steps=0 .* profile_first=0"),
     "unknown data source": (_run(**{"data.source": "affectnet"}), ValueError,
                             r"config.data.source='affectnet'.*tools/prepare_"),
     "tfds without data_dir": (_run(**{"data.source": "tfds"}), ValueError,

@@ -1,4 +1,5 @@
 """The command line: `python -m avemo_jax.main --config=... --workdir=...` with overrides."""
+import gzip
 import json
 import os
 import subprocess
@@ -16,8 +17,14 @@ def _main(*args: str) -> subprocess.CompletedProcess:
 
 def test_cli_runs_teacher_with_overrides(tmp_path):
   result = _main("--config=configs/teacher.py:tiny", f"--workdir={tmp_path}",
-                 "--config.teacher.num_steps=4", "--config.teacher.log_every=2")
+                 "--config.teacher.num_steps=4", "--config.teacher.log_every=2",
+                 "--config.teacher.profile_first=2", "--config.teacher.profile_steps=2")
   assert result.returncode == 0, result.stderr[-3000:]
+  # A jax.profiler trace of steps 2-3, for TensorBoard's profile plugin and Perfetto.
+  assert "profile of steps 2-3 written to" in result.stderr
+  traces = list((tmp_path / "teacher" / "profile").glob("plugins/profile/*/*.trace.json.gz"))
+  assert len(traces) == 1 and len(list(traces[0].parent.glob("*.xplane.pb"))) == 1
+  assert b"teacher_step" in gzip.decompress(traces[0].read_bytes())
   summary = json.loads((tmp_path / "summary.json").read_text())
   assert set(summary) == {"teacher"}
   steps = [json.loads(l)["step"] for l in (tmp_path / "teacher" / "metrics.jsonl").open()]
@@ -26,7 +33,8 @@ def test_cli_runs_teacher_with_overrides(tmp_path):
   assert json.loads(result.stdout) == summary  # the summary, printed at the end
   # The same command again: a no-op that prints the summary; another config trains again.
   again = _main("--config=configs/teacher.py:tiny", f"--workdir={tmp_path}",
-                "--config.teacher.num_steps=4", "--config.teacher.log_every=2")
+                "--config.teacher.num_steps=4", "--config.teacher.log_every=2",
+                "--config.teacher.profile_first=2", "--config.teacher.profile_steps=2")
   assert again.returncode == 0 and json.loads(again.stdout) == summary
   assert "already finished here" in again.stderr and "[teacher] step" not in again.stderr
 

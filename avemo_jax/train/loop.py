@@ -65,6 +65,36 @@ class NonFiniteError(FloatingPointError):
   """A step's loss or gradient norm was not finite (on_nonfinite="stop")."""
 
 
+class _Profile:
+  """A `jax.profiler` trace of `count` steps from the `first`-th this process runs, into `logdir`
+  (by hand, not clu's `periodic_actions.Profile`: that one stops without waiting for the steps
+  the devices still run)."""
+
+  def __init__(self, logdir: pathlib.Path, first: int, count: int):
+    if jax.process_count() > 1:
+      logdir = logdir / f"process_{jax.process_index()}"
+    self.logdir, self.first, self.count, self.runs, self.steps = logdir, first, count, 0, []
+
+  def before(self, step: int) -> None:
+    self.runs += 1
+    if self.runs == self.first and self.count > 0:
+      jax.profiler.start_trace(str(self.logdir))
+      self.steps = [step]
+
+  def after(self, step: int, outputs: Any) -> None:
+    if self.steps and self.runs == self.first + self.count - 1:
+      jax.block_until_ready(outputs)
+      self.steps.append(step)
+      self.close()
+
+  def close(self) -> None:
+    if self.steps:
+      jax.profiler.stop_trace()
+      logging.info("profile of steps %d-%d written to %s", self.steps[0], self.steps[-1],
+                   self.logdir)
+      self.steps = []
+
+
 def _scalars(metrics: dict[str, Any], prefix: str = "") -> dict[str, float]:
   return {prefix + k: float(v) for k, v in metrics.items() if np.ndim(v) == 0}
 
@@ -166,7 +196,9 @@ def train(stage: Stage, workdir: pathlib.Path, max_checkpoints: int,
   batches.start_prefetch()
   # Grain's worker processes and threads end with the stage, however it ends.
   closing = contextlib.closing if hasattr(stage.batches, "close") else contextlib.nullcontext
-  with closing(stage.batches), contextlib.closing(batches), _sigterm_flag() as sigterm:
+  profile = _Profile(workdir / "profile", cfg.profile_first, cfg.profile_steps)
+  with (closing(stage.batches), contextlib.closing(batches), contextlib.closing(profile),
+        _sigterm_flag() as sigterm):
     state, start, step_args, compiled, upcoming = _start_up(stage, parallel, checkpoints, batches)
     main = parallel_lib.is_main_process()
     writer = MetricWriter(workdir, resume_step=start) if main else None
@@ -182,7 +214,9 @@ def train(stage: Stage, workdir: pathlib.Path, max_checkpoints: int,
       # idle time). On the CPU each step returns finished (`hostmem`): every wait counts.
       if not pending or jax.tree.leaves(pending[-1][1])[0].is_ready():
         data_wait += waited
+      profile.before(step)
       state, metrics = compiled(state, *step_args, batch)
+      profile.after(step, (state, metrics))
       pending.append((step, metrics))
       last = step == cfg.num_steps
       save = (last or (cfg.checkpoint_every > 0 and step % cfg.checkpoint_every == 0)

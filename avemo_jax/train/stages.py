@@ -87,6 +87,9 @@ def _validate(config: ml_collections.ConfigDict) -> None:
                       ("audio.train", config.audio.train), ("fusion.train", config.fusion.train)):
     if stage.on_nonfinite not in ("stop", "skip"):
       raise ValueError(f"config.{name}.on_nonfinite={stage.on_nonfinite!r}: 'stop' or 'skip'")
+    if stage.profile_steps < 0 or stage.profile_first < 1:
+      raise ValueError(f"config.{name}.profile_steps={stage.profile_steps} (>= 0, 0: no profile),"
+                       f" profile_first={stage.profile_first} (>= 1: the first step run)")
   if config.data.source not in ("synthetic", "tfds") or (config.data.source == "tfds"
                                                          and not config.data.data_dir):
     raise ValueError(f"config.data.source={config.data.source!r}, config.data.data_dir="
