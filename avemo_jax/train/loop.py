@@ -73,26 +73,26 @@ class _Profile:
   def __init__(self, logdir: pathlib.Path, first: int, count: int):
     if jax.process_count() > 1:
       logdir = logdir / f"process_{jax.process_index()}"
-    self.logdir, self.first, self.count, self.runs, self.steps = logdir, first, count, 0, []
+    self.logdir, self.first, self.count, self.runs = logdir, first, count, 0
+    self.started = self.last = None  # steps traced, while tracing
 
   def before(self, step: int) -> None:
     self.runs += 1
     if self.runs == self.first and self.count > 0:
       jax.profiler.start_trace(str(self.logdir))
-      self.steps = [step]
+      self.started = step
 
   def after(self, step: int, outputs: Any) -> None:
-    if self.steps and self.runs == self.first + self.count - 1:
+    self.last = step
+    if self.started is not None and self.runs == self.first + self.count - 1:
       jax.block_until_ready(outputs)
-      self.steps.append(step)
       self.close()
 
   def close(self) -> None:
-    if self.steps:
+    if self.started is not None:
       jax.profiler.stop_trace()
-      logging.info("profile of steps %d-%d written to %s", self.steps[0], self.steps[-1],
-                   self.logdir)
-      self.steps = []
+      logging.info("profile of steps %d-%d written to %s", self.started, self.last, self.logdir)
+      self.started = None
 
 
 def _scalars(metrics: dict[str, Any], prefix: str = "") -> dict[str, float]:
