@@ -138,6 +138,8 @@ def face_rows(config, s: Settings, peer: Peer | None) -> dict[str, dict]:
   images = np.concatenate([batch["faces"]["image"], triplets.reshape(-1, *triplets.shape[2:])])
   infer, infer_info = _jax_infer(functools.partial(steps.predict, apply_fn=model.apply),
                                  variables, images)
+  if f.gru_kernel != "scan":
+    infer_info["vs_scan"] = kernel_agreement(model, variables, features, batch["lengths"])
   train_runs, infer_runs = {"jax": train}, {"jax": infer}
   if peer:
     net = peer.check(peer.lib.FaceNet(config.model), num_params(variables), "face network")
@@ -193,6 +195,8 @@ def fusion_rows(config, s: Settings, peer: Peer | None) -> dict[str, dict]:
   features = {m: batch[m] for m in modalities}
   infer, infer_info = _jax_infer(lambda v, x, n: model.apply(v, x, n)[0], variables, features,
                                  batch["lengths"])
+  if f.gru_kernel != "scan":
+    infer_info["vs_scan"] = kernel_agreement(model, variables, features, batch["lengths"])
   train_runs, infer_runs = {"jax": train}, {"jax": infer}
   if peer:
     make = lambda: peer.check(peer.lib.FusionGRU(f, modalities, dims), num_params(variables),
@@ -204,9 +208,24 @@ def fusion_rows(config, s: Settings, peer: Peer | None) -> dict[str, dict]:
   for name, runs, info in (("fusion_train", train_runs, train_info),
                            ("fusion_infer", infer_runs, infer_info)):
     rows[name] = alternate(runs, b, "sequences/s", s)
-    rows[name]["jax"].update(info)
+    rows[name]["jax"].update(info, gru_kernel=f.gru_kernel)
     _utilisation(rows[name], info, b, "float32")
   return rows
+
+
+def kernel_agreement(model, variables, features, lengths) -> dict[str, float]:
+  """How far `model`'s outputs and parameter gradients (of the outputs' sum) lie from those of
+  the same model with the scan GRU: max |difference| over max |scan's|, the largest over the
+  parameters (the GRU kernel's check on the device it runs on)."""
+  def outputs_and_gradients(m):
+    apply = lambda params: m.apply({"params": params}, features, lengths)[0]
+    outputs, vjp = jax.vjp(apply, variables["params"])
+    return outputs, vjp(jax.numpy.ones_like(outputs))[0]
+  ours, scan = (jax.jit(outputs_and_gradients, static_argnums=0)(m)
+                for m in (model, model.clone(gru_kernel="scan")))
+  error = jax.tree.map(lambda a, b: float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-30)),
+                       ours, scan)
+  return {"outputs": error[0], "gradients": max(jax.tree.leaves(error[1]))}
 
 
 def run(config: ml_collections.ConfigDict, s: Settings, only: tuple[str, ...] = ROWS

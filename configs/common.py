@@ -133,6 +133,9 @@ def fusion_config(tiny: bool) -> ml_collections.ConfigDict:
   # GRU steps per lax.scan iteration; 0: 1 on CPU (unrolling was slower there), 8 on GPU/TPU
   # (H200: 2.1x the train step of no unrolling; fusion.scan_grus).
   f.unroll = 0
+  # "pallas": on NVIDIA GPUs the GRUs' recurrence as one persistent Triton kernel each way (as
+  # cuDNN's GRU; models/gru_pallas.py), elsewhere the scan. Not yet measured on a GPU.
+  f.gru_kernel = "scan"
   f.chunk_frames = 50 if tiny else 100  # training sub-sequence length (4 s at 25 Hz)
   f.train = schedule_config(tiny, steps=800, lr=1e-3)
   f.train.batch = 8  # sub-sequences per step

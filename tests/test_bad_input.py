@@ -121,6 +121,8 @@ CASES = {
                       r"config.stages has unknown \['finetune'\]"),
     "unknown fusion model": (_run(**{"fusion.models": ("fused", "late")}), ValueError,
                              r"config.fusion.models has \['late'\]"),
+    "unknown GRU kernel": (_run(**{"fusion.gru_kernel": "cudnn"}), ValueError,
+                           r"config.fusion.gru_kernel='cudnn'"),
     "float16": (_run(dtype="float16"), ValueError, r"config.dtype='float16'"),
     "unknown on_nonfinite": (_run(**{"student.on_nonfinite": "ignore"}), ValueError,
                              r"config.student.on_nonfinite='ignore'"),

@@ -10,6 +10,8 @@ import numpy as np
 import pytest
 
 from avemo_jax import benchmark, losses
+from avemo_jax.models import gru_pallas
+from avemo_jax.models.fusion import FusionGRU
 from avemo_jax.train import build
 from configs import audio, distill, fusion
 
@@ -124,3 +126,19 @@ def test_model_rows_need_no_data_stack():
 def test_unknown_row_is_refused():
   with pytest.raises(ValueError, match="unknown rows.*face_train"):
     benchmark.run(distill.get_config("tiny"), benchmark.Settings(peer=False), ("face_trian",))
+
+
+def test_kernel_agreement_measures_the_distance_to_the_scan(monkeypatch):
+  """fusion_infer's `vs_scan` (a GRU kernel's check on the device): the interpreted Pallas
+  kernels agree with the scan to float32 rounding; a kernel 1% off is reported so."""
+  features = {"visual": np.ones((2, 5, 3), np.float32), "audio": np.ones((2, 5, 4), np.float32)}
+  lengths = np.array([5, 5])
+  model = FusionGRU(hidden=8, gru_kernel="pallas_interpret")
+  variables = model.init(jax.random.key(0), features, lengths)
+  agreement = benchmark.kernel_agreement(model, variables, features, lengths)
+  assert agreement["outputs"] < 1e-5 and agreement["gradients"] < 1e-5
+  forward = gru_pallas.forward
+  monkeypatch.setattr(gru_pallas, "forward", lambda grus, keep, interpret: jax.tree.map(
+      lambda x: 1.01 * x, forward(grus, keep, interpret)))
+  agreement = benchmark.kernel_agreement(model, variables, features, lengths)
+  assert agreement["outputs"] > 1e-3 and agreement["gradients"] > 1e-3

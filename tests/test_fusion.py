@@ -14,6 +14,7 @@ from jax.test_util import check_grads
 from avemo_jax import losses, metrics
 from avemo_jax.data import sequences
 from avemo_jax.models.audio import VGGish
+from avemo_jax.models import gru_pallas, layers
 from avemo_jax.models.fusion import GRU, FusionGRU, Recurrence, scan_grus
 from avemo_jax.train import build, stages, steps
 from avemo_jax.train import state as state_lib
@@ -215,9 +216,11 @@ def _recurrence_by_hand(g):
   return jnp.stack(out, 1)
 
 
-@pytest.mark.parametrize("unroll,together", [(1, True), (3, True), (1, False)])
-def test_gru_gradient_is_autodiffs(unroll, together):
-  """The hand-written VJP (weights' gradients after the backward loop) equals autodiff's."""
+@pytest.mark.parametrize("unroll,together,kernel", [(1, True, "scan"), (3, True, "scan"),
+                                                    (1, False, "scan"), (0, None, "pallas_interpret")])
+def test_gru_gradient_is_autodiffs(unroll, together, kernel):
+  """The hand-written VJP (weights' gradients after the backward loop) equals autodiff's, with
+  the scan or the Pallas kernels (rows 3 -> 16 and units 6 -> 16 padded)."""
   rng = np.random.default_rng(1)
   arr = lambda *shape, scale=1.0: jnp.asarray(rng.normal(size=shape) * scale, jnp.float32)
   grus = [Recurrence(tuple(arr(11, 3, 6) for _ in range(3)), *(arr(6, 6, scale=0.5)
@@ -225,9 +228,40 @@ def test_gru_gradient_is_autodiffs(unroll, together):
           for _ in range(2)]
   targets = [arr(3, 11, 6) for _ in grus]
   loss = lambda hs: sum(jnp.sum(jnp.sin(h) * t) for h, t in zip(hs, targets))
-  ours = jax.grad(lambda g: loss(scan_grus(g, unroll, together)))(grus)
+  ours = jax.grad(lambda g: loss(scan_grus(g, unroll, together, kernel)))(grus)
   theirs = jax.grad(lambda g: loss([_recurrence_by_hand(x) for x in g]))(grus)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-6), ours, theirs)
+
+
+def test_pallas_kernels_equal_the_scan():
+  """`gru_pallas` (interpreted here): GRUs of two shapes (a launch each) and FusionGRU give the
+  scan's states; "pallas" off a GPU, over MAX_UNITS and in an export for several platforms is
+  the scan; unknown kernels fail by name. (On CUDA: tests/test_gru_pallas.py.)"""
+  rng = np.random.default_rng(2)
+  arr = lambda *shape: jnp.asarray(rng.normal(size=shape) * 0.5, jnp.float32)
+  grus = [Recurrence(tuple(arr(7, b, h) for _ in range(3)), arr(h, h), arr(h, h), arr(h, h),
+                     arr(h)) for b, h in ((2, 5), (17, 32), (2, 5))]
+  for ours, scan in zip(scan_grus(grus, kernel="pallas_interpret"), scan_grus(grus)):
+    np.testing.assert_allclose(ours, scan, rtol=1e-5, atol=1e-6)
+  features = {"visual": arr(3, 9, 4), "audio": arr(3, 9, 2)}
+  lengths = np.array([9, 9, 9])
+  variables = FusionGRU(hidden=6).init(jax.random.key(0), features, lengths)
+  outputs = lambda kernel: FusionGRU(hidden=6, gru_kernel=kernel).apply(variables, features,
+                                                                       lengths)[0]
+  np.testing.assert_allclose(outputs("pallas_interpret"), outputs("scan"), rtol=1e-5, atol=1e-6)
+  model = FusionGRU(hidden=6, gru_kernel="pallas")
+  with layers.every_platform():
+    exported = jax.export.export(jax.jit(model.apply), platforms=["cpu", "cuda"])(
+        variables, features, lengths)
+  np.testing.assert_allclose(exported.call(variables, features, lengths)[0], outputs("scan"),
+                             rtol=1e-6, atol=1e-6)
+  np.testing.assert_array_equal(model.apply(variables, features, lengths)[0], outputs("scan"))
+  big = [Recurrence(tuple(arr(2, 1, 129) for _ in range(3)), *(arr(129, 129) / 20 for _ in
+                                                                range(3)), arr(129))]
+  assert not gru_pallas.fits(129) and gru_pallas.fits(gru_pallas.MAX_UNITS)
+  np.testing.assert_array_equal(scan_grus(big, kernel="pallas_interpret")[0], scan_grus(big)[0])
+  with pytest.raises(ValueError, match="gru_kernel='cudnn': choose one of"):
+    FusionGRU(hidden=6, gru_kernel="cudnn").apply(variables, features, lengths)
 
 
 def test_gru_matches_torch(gru_setup):

@@ -37,6 +37,8 @@ _FRAMES = flags.DEFINE_integer("frames", 750, "Frames per fusion sequence (25 a 
 _DTYPE = flags.DEFINE_enum("dtype", "auto", ["auto", "float32", "bfloat16"],
                            "Computation dtype of the face and audio networks (config.dtype; "
                            "auto: bfloat16 on GPU/TPU, float32 on CPU).")
+_GRU_KERNEL = flags.DEFINE_enum("gru_kernel", "scan", ["scan", "pallas"], "The fusion GRUs' "
+                                "recurrence (config.fusion.gru_kernel; 'pallas': NVIDIA GPUs).")
 _PEER = flags.DEFINE_enum("peer", "auto", ["auto", "on", "off"], "Time the PyTorch peer: 'auto' "
                           "when torch is installed, 'on' (it must be), 'off'.")
 _PREDICT_EXPORT = flags.DEFINE_string("predict_export", "", "predict_fps: an export directory "
@@ -57,6 +59,7 @@ def main(argv):
   config = distill.get_config("tiny" if quick else None)
   with config.unlocked():
     config.dtype = _DTYPE.value
+    config.fusion.gru_kernel = _GRU_KERNEL.value
   settings = benchmark.Settings(
       reps=2 if quick else _REPS.value, warmup=1 if quick else _WARMUP.value,
       face_batch=8 if quick else _FACE_BATCH.value, audio_batch=4 if quick else _AUDIO_BATCH.value,

@@ -10,7 +10,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from avemo_jax.models import gru_pallas, layers
+
 MODALITIES = ("visual", "audio")
+KERNELS = ("scan", "pallas", "pallas_interpret")  # `scan_grus`
 
 
 class _Dense(nn.Module):
@@ -37,21 +40,31 @@ class Recurrence(NamedTuple):
   b_hn: jax.Array
 
 
-def scan_grus(grus: Sequence[Recurrence], unroll: int = 0, together: bool | None = None
-              ) -> list[jax.Array]:
-  """Runs independent GRUs from zero states -> [B, T, H] each, `unroll` steps per loop iteration
-  (0: 1 on CPU, 8 on GPU/TPU), `together` in one `lax.scan` (None: on GPU/TPU, not on CPU).
+def scan_grus(grus: Sequence[Recurrence], unroll: int = 0, together: bool | None = None,
+              kernel: str = "scan") -> list[jax.Array]:
+  """Runs independent GRUs from zero states -> [B, T, H] each: by `kernel` "scan" a `lax.scan`,
+  `unroll` steps per loop iteration (0: 1 on CPU, 8 on GPU/TPU), `together` in one loop (None:
+  on GPU/TPU, not on CPU); "pallas" on NVIDIA GPUs one persistent kernel each way, all GRUs of
+  a shape in one launch (`gru_pallas`; up to its MAX_UNITS), elsewhere the scan, as are
+  programs lowered for other platforms too (`layers.every_platform`, `layers.portable`:
+  exports); "pallas_interpret" the kernels run by XLA on any backend, slowly (tests).
 
-  On a GPU each step is a few tiny kernels plus the loop's round trip, so fewer, fuller steps
-  are what counts (H200, batch 64 x 750 frames, against one loop per GRU: train step +9%,
+  On a GPU each scan step is a few tiny kernels plus the loop's round trip, so fewer, fuller
+  steps are what counts (H200, batch 64 x 750 frames, against one loop per GRU: train step +9%,
   inference +20%; unrolling 8 steps then 2.1x, 32 steps 2.3x the train step). On CPU the shared
   loop ran 12-23% slower than one loop per GRU, and unrolling slower still (README: speed).
   The gradient (`_recur`'s VJP) leaves the recurrent weights' gradients out of the backward loop.
   """
+  if kernel not in KERNELS:
+    raise ValueError(f"gru_kernel={kernel!r}: choose one of {KERNELS}")
+  if (not layers.single_platform() or not all(gru_pallas.fits(g.w_hr.shape[0]) for g in grus)
+      or (kernel == "pallas" and jax.default_backend() != "gpu")):
+    kernel = "scan"  # the Triton kernels lower for NVIDIA GPUs only
   cpu = jax.default_backend() == "cpu"
-  if len(grus) > 1 and not (together if together is not None else not cpu):
+  if kernel == "scan" and len(grus) > 1 and not (together if together is not None else not cpu):
     return [h for g in grus for h in scan_grus([g], unroll)]
-  hs = _recur(tuple(g.xs for g in grus), tuple(g[1:] for g in grus), unroll or (1 if cpu else 8))
+  hs = _recur(tuple(g.xs for g in grus), tuple(g[1:] for g in grus), unroll or (1 if cpu else 8),
+              kernel)
   return [jnp.swapaxes(h_TxBxH, 0, 1) for h_TxBxH in hs]
 
 
@@ -73,17 +86,25 @@ def _run(xs, weights, unroll: int, keep: bool):
   return jax.lax.scan(step, h0, xs, unroll=unroll)[1]
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def _recur(xs, weights, unroll: int):
-  return _run(xs, weights, unroll, keep=False)[0]
+def _forward(xs, weights, unroll: int, kernel: str, keep: bool):
+  """`_run` by `kernel`."""
+  if kernel == "scan":
+    return _run(xs, weights, unroll, keep)
+  out = gru_pallas.forward(list(zip(xs, weights)), keep, kernel == "pallas_interpret")
+  return (tuple(h for h, _ in out), tuple(k for _, k in out)) if keep else (out, ())
 
 
-def _recur_fwd(xs, weights, unroll: int):
-  hs, kept = _run(xs, weights, unroll, keep=True)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _recur(xs, weights, unroll: int, kernel: str):
+  return _forward(xs, weights, unroll, kernel, keep=False)[0]
+
+
+def _recur_fwd(xs, weights, unroll: int, kernel: str):
+  hs, kept = _forward(xs, weights, unroll, kernel, keep=True)
   return hs, (weights, hs, kept)
 
 
-def _recur_bwd(unroll: int, residuals, d_hs):
+def _recur_bwd(unroll: int, kernel: str, residuals, d_hs):
   """Back through time, the loop carries dL/dh and emits the gates' pre-activation gradients;
   the weights' gradients are then one [T*B, H]^T [T*B, H] product each, not T small products
   accumulated inside the loop (CPU fusion train step 1.4x; README: speed)."""
@@ -105,8 +126,11 @@ def _recur_bwd(unroll: int, residuals, d_hs):
       grads.append((dr, dz, dn, dhn))
     return tuple(carry), tuple(grads)
 
-  dh0 = tuple(jnp.zeros_like(d[0]) for d in d_hs)
-  grads = jax.lax.scan(step, dh0, (d_hs, kept), reverse=True, unroll=unroll)[1]
+  if kernel == "scan":
+    dh0 = tuple(jnp.zeros_like(d[0]) for d in d_hs)
+    grads = jax.lax.scan(step, dh0, (d_hs, kept), reverse=True, unroll=unroll)[1]
+  else:
+    grads = gru_pallas.backward(list(zip(d_hs, hs, gates, weights)), kernel == "pallas_interpret")
   flat = lambda a: a.reshape(-1, a.shape[-1])
   d_xs = tuple((dr, dz, dn) for dr, dz, dn, _ in grads)
   d_weights = tuple((flat(h).T @ flat(dr), flat(h).T @ flat(dz), flat(h).T @ flat(dhn),
@@ -127,6 +151,7 @@ class GRU(nn.Module):
   others."""
   features: int
   unroll: int = 0  # `scan_grus`
+  kernel: str = "scan"  # `scan_grus`
 
   @nn.compact
   def __call__(self, x_BxTxD: jax.Array, *, scan: bool = True) -> jax.Array | Recurrence:
@@ -138,7 +163,7 @@ class GRU(nn.Module):
     x_TxBxD = jnp.swapaxes(x_BxTxD, 0, 1)
     xs = tuple(x_TxBxD @ w + b for w, b in (ir, iz, i_n))
     recurrence = Recurrence(xs, w_hr, w_hz, w_hn, b_hn)
-    return scan_grus([recurrence], self.unroll)[0] if scan else recurrence
+    return scan_grus([recurrence], self.unroll, kernel=self.kernel)[0] if scan else recurrence
 
 
 class FusionGRU(nn.Module):
@@ -166,6 +191,7 @@ class FusionGRU(nn.Module):
   modality_dropout: float = 0.0  # training: P(a modality is zeroed for a whole sequence)
   level: str = "model"
   unroll: int = 0  # GRU steps per `lax.scan` iteration (`scan_grus`; 0: by backend)
+  gru_kernel: str = "scan"  # "pallas": one persistent kernel each way on GPUs (`scan_grus`)
 
   @nn.compact
   def __call__(self, features: Mapping[str, jax.Array], lengths_B: jax.Array, *,
@@ -179,12 +205,12 @@ class FusionGRU(nn.Module):
     if self.level not in ("feature", "model") or (self.level == "feature" and self.num_layers < 1):
       raise ValueError(f"level={self.level!r}, num_layers={self.num_layers}: choose level 'model' "
                        "(num_layers >= 0) or 'feature' (num_layers >= 1)")
-    gru = lambda name, **kw: GRU(self.hidden, self.unroll, name=f"gru_{name}", **kw)
+    gru = lambda name: GRU(self.hidden, self.unroll, self.gru_kernel, name=f"gru_{name}")
     inputs = [nn.Dropout(self.dropout, deterministic=not train)(features[m].astype(jnp.float32))
               for m in self.modalities]
     if self.level == "model":
       inputs = scan_grus([gru(m)(x, scan=False) for m, x in zip(self.modalities, inputs)],
-                         self.unroll)
+                         self.unroll, kernel=self.gru_kernel)
     if train and self.modality_dropout and len(inputs) > 1:
       # ModDrop (Neverova et al. 2016): the model must use each modality on its own as well,
       # instead of fitting the training people through whichever is easier. Never all at once.

@@ -54,6 +54,11 @@ def every_platform():
   return _every_platform(True)
 
 
+def single_platform() -> bool:
+  """Whether programs traced now are lowered for this process's backend alone."""
+  return not (_portable.value or _every_platform.value)
+
+
 def _by_platform(*args: jax.Array, cpu, default) -> jax.Array:
   if _every_platform.value:
     return lax.platform_dependent(*args, cpu=cpu, default=default)

@@ -51,7 +51,8 @@ def audio_inputs() -> tuple[jax.Array]:
 def fusion_model(f: ml_collections.ConfigDict, modalities: tuple[str, ...]) -> fusion.FusionGRU:
   return fusion.FusionGRU(modalities=modalities, hidden=f.hidden, num_layers=f.num_layers,
                           dropout=f.dropout, modality_dropout=f.modality_dropout, level=f.level,
-                          unroll=f.get("unroll", 0))  # configs saved before it had unroll
+                          # configs saved before they had these keys: their defaults
+                          unroll=f.get("unroll", 0), gru_kernel=f.get("gru_kernel", "scan"))
 
 
 def fusion_inputs(dims: dict[str, int]) -> tuple[dict[str, jax.Array], jax.Array]:

@@ -13,6 +13,7 @@ import numpy as np
 
 from avemo_jax import parallel, plots
 from avemo_jax.data import pipeline, synthetic
+from avemo_jax.models import fusion, gru_pallas
 from avemo_jax.train import av_stages, build, loop, steps
 from avemo_jax.train import state as state_lib
 from avemo_jax.train.checkpoint import load_variables
@@ -83,6 +84,14 @@ def _validate(config: ml_collections.ConfigDict) -> None:
                      f"{tuple(av_stages.MODEL_MODALITIES)}")
   if config.fusion.level not in ("feature", "model"):
     raise ValueError(f"config.fusion.level={config.fusion.level!r}: 'feature' or 'model'")
+  if config.fusion.gru_kernel not in fusion.KERNELS:
+    raise ValueError(f"config.fusion.gru_kernel={config.fusion.gru_kernel!r}: choose one of "
+                     f"{fusion.KERNELS}")
+  if config.fusion.gru_kernel == "pallas" and (jax.default_backend() != "gpu"
+                                               or not gru_pallas.fits(config.fusion.hidden)):
+    logging.warning("config.fusion.gru_kernel='pallas' runs on NVIDIA GPUs, GRUs of up to %d "
+                    "units; on %s with fusion.hidden=%d the GRUs run as a lax.scan",
+                    gru_pallas.MAX_UNITS, jax.default_backend(), config.fusion.hidden)
   for name, stage in (("teacher", config.teacher), ("student", config.student),
                       ("audio.train", config.audio.train), ("fusion.train", config.fusion.train)):
     if stage.on_nonfinite not in ("stop", "skip"):
