@@ -1,29 +1,24 @@
 """`nn.Conv` and max pooling in the forms XLA's CPU backend runs fast; convolutions elsewhere.
 
-Measured on 2 EPYC cores (jax 0.10.2, batch 32, the face network's own shapes, freed memory kept:
-`avemo_jax.hostmem`):
-- a 1x1 convolution is a matrix product over the channels (all platforms): 17x17x128 -> 128 at
-  180 against 395 GFLOP/s as a product, 8x8x896 -> 128 at 197 against 440;
+- a 1x1 convolution is a matrix product over the channels (all platforms: XLA's CPU convolutions
+  ran them at about half a product's speed);
 - a kxk convolution on CPU, where XLA runs it with YNNPACK (`xla_cpu`: XLA's default except on
   Intel CPUs), is `_cpu_conv`, with its own gradient; where XLA runs it with Eigen, XLA's plain
-  convolution (on 2 Xeon cores the fastest form, forward and gradients). `_cpu_conv`: forward at
-  stride 1 by XLA's convolution, padded by at least one on every side and cropped (XLA runs
-  unpadded windows 1.3-2.5x slower: 69x69x32 -> 32 33.7 -> 13.5 ms), strided as im2col (the
-  strided slices of its taps concatenated over channels, times the reshaped kernel); the input
-  gradient by XLA's transposed convolution, the kernel gradient as dy^T im2col(x)
-  (`_batch_product`; XLA's kernel-gradient convolution ran 1.5-2x slower), summed over chunks of
-  the batch whose columns stay small (`_kernel_grad`). Against im2col both ways, 67x67x32 -> 64
-  with gradients 100 -> 90 ms, the teacher step 1115 -> 1051 ms;
-- 3x3/2 max pooling on CPU is the maximum of its 9 strided slices (forward 67x67x64 6.8 -> 1.5
-  ms), its gradient routed by the forward's first maximal window position (`_cpu_max_pool`): that
-  of autodiff through the maxima chain recomputed it per tap and cost 95 ms in the teacher step
-  (1231 -> 1141 ms); XLA's reduce-window gradient (select-and-scatter) 77.6 ms alone.
-On GPU and TPU they stay convolutions and reduce-windows (the form chosen by the backend while
-tracing, or by `lax.platform_dependent` under `every_platform`). Parameters (names, shapes) are
-`nn.Conv`'s, so checkpoints and converted weights are unchanged; results equal
-`lax.conv_general_dilated`'s to float32 rounding, and max pooling's exactly, gradients included
-(ties go to the first position, as select-and-scatter's). Dilated, grouped and non-2-D
-convolutions pass through unchanged.
+  convolution (the fastest form there). `_cpu_conv`: forward at stride 1 by XLA's convolution,
+  padded by at least one on every side and cropped (unpadded windows ran 1.3-2.5x slower),
+  strided as im2col (the strided slices of its taps concatenated over channels, times the
+  reshaped kernel); the input gradient by XLA's transposed convolution, the kernel gradient as
+  dy^T im2col(x) (`_batch_product`), summed over chunks of the batch whose columns stay small
+  (`_kernel_grad`);
+- 3x3/2 max pooling on CPU is the maximum of its 9 strided slices, its gradient routed by the
+  forward's first maximal window position (`_cpu_max_pool`; autodiff through the chain of maxima
+  recomputed it per tap).
+Measured, form by form: README, *Speed in detail*. On GPU and TPU they stay convolutions and
+reduce-windows (the form chosen by the backend while tracing, or by `lax.platform_dependent`
+under `every_platform`). Parameters (names, shapes) are `nn.Conv`'s, so checkpoints and converted
+weights are unchanged; results equal `lax.conv_general_dilated`'s to float32 rounding, and max
+pooling's exactly, gradients included (ties go to the first position, as select-and-scatter's).
+Dilated, grouped and non-2-D convolutions pass through unchanged.
 """
 import functools
 from typing import Any
