@@ -259,6 +259,7 @@ def test_pallas_kernels_equal_the_scan():
   big = [Recurrence(tuple(arr(2, 1, 129) for _ in range(3)), *(arr(129, 129) / 20 for _ in
                                                                 range(3)), arr(129))]
   assert not gru_pallas.fits(129) and gru_pallas.fits(gru_pallas.MAX_UNITS)
+  assert gru_pallas.fits(64, 7_501, 2_048, 2) and not gru_pallas.fits(64, 7_501, 2_240, 2)
   np.testing.assert_array_equal(scan_grus(big, kernel="pallas_interpret")[0], scan_grus(big)[0])
   with pytest.raises(ValueError, match="gru_kernel='cudnn': choose one of"):
     FusionGRU(hidden=6, gru_kernel="cudnn").apply(variables, features, lengths)

@@ -45,7 +45,7 @@ def scan_grus(grus: Sequence[Recurrence], unroll: int = 0, together: bool | None
   """Runs independent GRUs from zero states -> [B, T, H] each: by `kernel` "scan" a `lax.scan`,
   `unroll` steps per loop iteration (0: 1 on CPU, 8 on GPU/TPU), `together` in one loop (None:
   on GPU/TPU, not on CPU); "pallas" on NVIDIA GPUs one persistent kernel each way, all GRUs of
-  a shape in one launch (`gru_pallas`; up to its MAX_UNITS), elsewhere the scan, as are
+  a shape in one launch (`gru_pallas`, the sizes it `fits`), elsewhere the scan, as are
   programs lowered for other platforms too (`layers.every_platform`, `layers.portable`:
   exports); "pallas_interpret" the kernels run by XLA on any backend, slowly (tests).
 
@@ -57,9 +57,9 @@ def scan_grus(grus: Sequence[Recurrence], unroll: int = 0, together: bool | None
   """
   if kernel not in KERNELS:
     raise ValueError(f"gru_kernel={kernel!r}: choose one of {KERNELS}")
-  if (not layers.single_platform() or not all(gru_pallas.fits(g.w_hr.shape[0]) for g in grus)
-      or (kernel == "pallas" and jax.default_backend() != "gpu")):
-    kernel = "scan"  # the Triton kernels lower for NVIDIA GPUs only
+  if (not layers.single_platform() or (kernel == "pallas" and jax.default_backend() != "gpu")
+      or not all(gru_pallas.fits(g.w_hr.shape[0], *g.xs[0].shape[:2], len(grus)) for g in grus)):
+    kernel = "scan"  # the Triton kernels: NVIDIA GPUs, one platform, the sizes they take
   cpu = jax.default_backend() == "cpu"
   if kernel == "scan" and len(grus) > 1 and not (together if together is not None else not cpu):
     return [h for g in grus for h in scan_grus([g], unroll)]

@@ -28,9 +28,12 @@ _ROWS = 16  # sequences per program: Triton's smallest matrix-product block
 MAX_UNITS = 128
 
 
-def fits(units: int) -> bool:
-  """Whether a GRU of `units` runs as these kernels (`fusion.scan_grus` else takes the scan)."""
-  return _padded_shape(_ROWS, units)[1] <= MAX_UNITS
+def fits(units: int, frames: int = 1, rows: int = 1, grus: int = 1) -> bool:
+  """Whether `grus` GRUs of `units` over [frames, rows] run as these kernels (`fusion.scan_grus`
+  else takes the scan): the weights fit in shared memory, the stacked sequences' offsets in
+  Triton's 32-bit integers."""
+  padded_rows, padded_units = _padded_shape(rows, units)
+  return padded_units <= MAX_UNITS and grus * frames * padded_rows * padded_units < 2**31
 
 
 def num_warps(padded_units: int) -> int:
