@@ -265,6 +265,17 @@ def test_pallas_kernels_equal_the_scan():
     FusionGRU(hidden=6, gru_kernel="cudnn").apply(variables, features, lengths)
 
 
+def test_pallas_off_one_gpu_is_announced(caplog):
+  """A config asking for the Pallas GRU where it cannot run says so at the start, by key."""
+  config = fusion.get_config("tiny")
+  with config.unlocked():
+    config.fusion.gru_kernel = "pallas"
+  with caplog.at_level("WARNING"):
+    stages._validate(config)
+  assert "config.fusion.gru_kernel='pallas' runs on one NVIDIA GPU" in caplog.text
+  assert "here (8 cpu devices, fusion.hidden=16)" in caplog.text
+
+
 def test_gru_matches_torch(gru_setup):
   torch = pytest.importorskip("torch")
   _, variables, x, lengths, _, hidden = gru_setup

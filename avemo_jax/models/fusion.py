@@ -44,8 +44,8 @@ def scan_grus(grus: Sequence[Recurrence], unroll: int = 0, together: bool | None
               kernel: str = "scan") -> list[jax.Array]:
   """Runs independent GRUs from zero states -> [B, T, H] each: by `kernel` "scan" a `lax.scan`,
   `unroll` steps per loop iteration (0: 1 on CPU, 8 on GPU/TPU), `together` in one loop (None:
-  on GPU/TPU, not on CPU); "pallas" on NVIDIA GPUs one persistent kernel each way, all GRUs of
-  a shape in one launch (`gru_pallas`, the sizes it `fits`), elsewhere the scan, as are
+  on GPU/TPU, not on CPU); "pallas" on one NVIDIA GPU one persistent kernel each way, all GRUs
+  of a shape in one launch (`gru_pallas`, the sizes it `fits`), elsewhere the scan, as are
   programs lowered for other platforms too (`layers.every_platform`, `layers.portable`:
   exports); "pallas_interpret" the kernels run by XLA on any backend, slowly (tests).
 
@@ -57,9 +57,11 @@ def scan_grus(grus: Sequence[Recurrence], unroll: int = 0, together: bool | None
   """
   if kernel not in KERNELS:
     raise ValueError(f"gru_kernel={kernel!r}: choose one of {KERNELS}")
-  if (not layers.single_platform() or (kernel == "pallas" and jax.default_backend() != "gpu")
+  # One GPU only: XLA's sharding has no rule for the kernels' call (unmeasured on several).
+  one_gpu = jax.default_backend() == "gpu" and jax.device_count() == 1
+  if (not layers.single_platform() or (kernel == "pallas" and not one_gpu)
       or not all(gru_pallas.fits(g.w_hr.shape[0], *g.xs[0].shape[:2], len(grus)) for g in grus)):
-    kernel = "scan"  # the Triton kernels: NVIDIA GPUs, one platform, the sizes they take
+    kernel = "scan"
   cpu = jax.default_backend() == "cpu"
   if kernel == "scan" and len(grus) > 1 and not (together if together is not None else not cpu):
     return [h for g in grus for h in scan_grus([g], unroll)]

@@ -88,10 +88,12 @@ def _validate(config: ml_collections.ConfigDict) -> None:
     raise ValueError(f"config.fusion.gru_kernel={config.fusion.gru_kernel!r}: choose one of "
                      f"{fusion.KERNELS}")
   if config.fusion.gru_kernel == "pallas" and (jax.default_backend() != "gpu"
+                                               or jax.device_count() > 1
                                                or not gru_pallas.fits(config.fusion.hidden)):
-    logging.warning("config.fusion.gru_kernel='pallas' runs on NVIDIA GPUs, GRUs of up to %d "
-                    "units; on %s with fusion.hidden=%d the GRUs run as a lax.scan",
-                    gru_pallas.MAX_UNITS, jax.default_backend(), config.fusion.hidden)
+    logging.warning("config.fusion.gru_kernel='pallas' runs on one NVIDIA GPU, GRUs of up to %d "
+                    "units; here (%d %s devices, fusion.hidden=%d) the GRUs run as a lax.scan",
+                    gru_pallas.MAX_UNITS, jax.device_count(), jax.default_backend(),
+                    config.fusion.hidden)
   for name, stage in (("teacher", config.teacher), ("student", config.student),
                       ("audio.train", config.audio.train), ("fusion.train", config.fusion.train)):
     if stage.on_nonfinite not in ("stop", "skip"):
