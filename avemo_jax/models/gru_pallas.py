@@ -5,13 +5,15 @@ cuDNN's train step).
 
 One program runs a block of `_ROWS` sequences of one GRU through all T steps, its state in
 registers and the recurrent weights in shared memory, reading each step's input projections
-(computed before, as for the scan) and writing the state and, for the gradient, the gates. The backward kernel runs time in reverse, carries dL/dh and writes the gates'
-pre-activation gradients; the weights' gradients stay [T*B, H]^T [T*B, H] products outside.
+(computed before, as for the scan) and writing the state and, for the gradient, the gates. The
+backward kernel runs time in reverse, carries dL/dh and writes the gates' pre-activation
+gradients; the weights' gradients stay [T*B, H]^T [T*B, H] products outside.
 Several GRUs of one shape run in one launch (programs over GRUs x row blocks). Rows are padded
 to a multiple of `_ROWS` and units to a power of two >= 16 (Triton's block shapes); zero padding
 leaves the real units exact. On other backends `interpret=True` runs the same kernels through
 XLA (slow; tests). Products take the backend's default precision (TF32 on NVIDIA GPUs, as
-XLA's and cuDNN's). Chosen by `fusion.gru_kernel="pallas"`.
+XLA's and cuDNN's). Chosen by `fusion.gru_kernel="pallas"`; not yet timed on a GPU (README,
+*On one H200*).
 """
 import functools
 from collections.abc import Sequence
