@@ -138,8 +138,6 @@ def face_rows(config, s: Settings, peer: Peer | None) -> dict[str, dict]:
   images = np.concatenate([batch["faces"]["image"], triplets.reshape(-1, *triplets.shape[2:])])
   infer, infer_info = _jax_infer(functools.partial(steps.predict, apply_fn=model.apply),
                                  variables, images)
-  if f.gru_kernel != "scan":
-    infer_info["vs_scan"] = kernel_agreement(model, variables, features, batch["lengths"])
   train_runs, infer_runs = {"jax": train}, {"jax": infer}
   if peer:
     net = peer.check(peer.lib.FaceNet(config.model), num_params(variables), "face network")

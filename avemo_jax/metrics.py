@@ -75,7 +75,7 @@ class TripletCounts(clu_metrics.Metric):
 class FaceMetrics(clu_metrics.Collection):
   confusion8: _confusion(8)
   confusion7: _confusion(7)
-  teacher_agreement: clu_metrics.Average.from_output("agreement")
+  teacher_agreement: clu_metrics.Average.from_output("agreement")  # noqa: F821 (a name, not a type)
 
 
 @flax.struct.dataclass
