@@ -14,6 +14,7 @@ from jax.test_util import check_grads
 from avemo_jax import losses, metrics
 from avemo_jax.data import sequences
 from avemo_jax.models.audio import VGGish
+from avemo_jax.models import fusion as fusion_model
 from avemo_jax.models import gru_pallas, layers
 from avemo_jax.models.fusion import GRU, FusionGRU, Recurrence, scan_grus
 from avemo_jax.train import build, stages, steps
@@ -274,6 +275,24 @@ def test_pallas_off_one_gpu_is_announced(caplog):
     stages._validate(config)
   assert "config.fusion.gru_kernel='pallas' runs on one NVIDIA GPU" in caplog.text
   assert "here (8 cpu devices, fusion.hidden=16)" in caplog.text
+
+
+def test_check_kernel_fails_early_by_key(monkeypatch):
+  """The start-of-run check (`stages._validate` on one GPU): the kernels agree with the scan; a
+  kernel 5% off, or one that does not compile, fails by key with the way out."""
+  assert fusion_model.check_kernel("pallas_interpret") < 1e-5
+  forward = gru_pallas.forward
+  monkeypatch.setattr(gru_pallas, "forward", lambda grus, keep, interpret: jax.tree.map(
+      lambda x: 1.05 * x, forward(grus, keep, interpret)))
+  with pytest.raises(ValueError, match=r"gru_kernel='pallas_interpret' differs .* use 'scan'"):
+    fusion_model.check_kernel("pallas_interpret")
+
+  def broken(grus, keep, interpret):
+    raise RuntimeError("Triton compilation failed")
+  monkeypatch.setattr(gru_pallas, "forward", broken)
+  with pytest.raises(ValueError, match=r"'pallas_interpret' does not run here \(Triton "
+                                       r"compilation failed\); use 'scan'"):
+    fusion_model.check_kernel("pallas_interpret")
 
 
 def test_gru_matches_torch(gru_setup):

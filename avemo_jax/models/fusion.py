@@ -57,10 +57,7 @@ def scan_grus(grus: Sequence[Recurrence], unroll: int = 0, together: bool | None
   """
   if kernel not in KERNELS:
     raise ValueError(f"gru_kernel={kernel!r}: choose one of {KERNELS}")
-  # One GPU only: XLA's sharding has no rule for the kernels' call (unmeasured on several).
-  one_gpu = jax.default_backend() == "gpu" and jax.device_count() == 1
-  if (not layers.single_platform() or (kernel == "pallas" and not one_gpu)
-      or not all(gru_pallas.fits(g.w_hr.shape[0], *g.xs[0].shape[:2], len(grus)) for g in grus)):
+  if not all(runs_kernel(kernel, g.w_hr.shape[0], *g.xs[0].shape[:2], len(grus)) for g in grus):
     kernel = "scan"
   cpu = jax.default_backend() == "cpu"
   if kernel == "scan" and len(grus) > 1 and not (together if together is not None else not cpu):
@@ -68,6 +65,39 @@ def scan_grus(grus: Sequence[Recurrence], unroll: int = 0, together: bool | None
   hs = _recur(tuple(g.xs for g in grus), tuple(g[1:] for g in grus), unroll or (1 if cpu else 8),
               kernel)
   return [jnp.swapaxes(h_TxBxH, 0, 1) for h_TxBxH in hs]
+
+
+def runs_kernel(kernel: str, units: int, frames: int = 1, rows: int = 1, grus: int = 1) -> bool:
+  """Whether `scan_grus` runs `kernel`'s kernels here (not the scan) for `grus` GRUs of `units`
+  over [frames, rows]: "pallas" on one NVIDIA GPU only (XLA's sharding has no rule for the
+  kernels' call), in programs for this backend alone, at sizes `gru_pallas.fits`."""
+  one_gpu = jax.default_backend() == "gpu" and jax.device_count() == 1
+  return (kernel in ("pallas_interpret", "pallas") and (kernel != "pallas" or one_gpu)
+          and layers.single_platform() and gru_pallas.fits(units, frames, rows, grus))
+
+
+def check_kernel(kernel: str, tolerance: float = 1e-2) -> float:
+  """`kernel` run once on a small problem (two GRUs of 6 units over 3 rows: padded) against the
+  scan -> the largest relative difference of the loss and gradients; a ValueError naming
+  config.fusion.gru_kernel if it fails to compile or run, or differs by more than `tolerance`
+  (TF32 products on GPUs). Stages check it at the start, not after hours of the stages before."""
+  keys = iter(jax.random.split(jax.random.key(0), 16))
+  arr = lambda *shape: 0.5 * jax.random.normal(next(keys), shape)
+  grus = [Recurrence(tuple(arr(5, 3, 6) for _ in range(3)), arr(6, 6), arr(6, 6), arr(6, 6),
+                     arr(6)) for _ in range(2)]
+  run = lambda k: jax.jit(jax.value_and_grad(
+      lambda g: sum(jnp.sum(jnp.sin(h)) for h in scan_grus(g, kernel=k))))(grus)
+  try:
+    ours = run(kernel)
+  except Exception as e:  # compilation or launch: the message names the key, the cause follows
+    raise ValueError(f"config.fusion.gru_kernel={kernel!r} does not run here ({e}); use "
+                     "'scan'") from e
+  error = max(jax.tree.leaves(jax.tree.map(
+      lambda a, b: float(jnp.max(jnp.abs(a - b)) / jnp.max(jnp.abs(b))), ours, run("scan"))))
+  if not error <= tolerance:
+    raise ValueError(f"config.fusion.gru_kernel={kernel!r} differs from the scan here by "
+                     f"{error:.2g} (relative; at most {tolerance} expected): use 'scan'")
+  return error
 
 
 def _run(xs, weights, unroll: int, keep: bool):

@@ -87,9 +87,9 @@ def _validate(config: ml_collections.ConfigDict) -> None:
   if config.fusion.gru_kernel not in fusion.KERNELS:
     raise ValueError(f"config.fusion.gru_kernel={config.fusion.gru_kernel!r}: choose one of "
                      f"{fusion.KERNELS}")
-  if config.fusion.gru_kernel == "pallas" and (jax.default_backend() != "gpu"
-                                               or jax.device_count() > 1
-                                               or not gru_pallas.fits(config.fusion.hidden)):
+  if config.fusion.gru_kernel == "pallas" and fusion.runs_kernel("pallas", config.fusion.hidden):
+    fusion.check_kernel("pallas")
+  elif config.fusion.gru_kernel == "pallas":
     logging.warning("config.fusion.gru_kernel='pallas' runs on one NVIDIA GPU, GRUs of up to %d "
                     "units; here (%d %s devices, fusion.hidden=%d) the GRUs run as a lax.scan",
                     gru_pallas.MAX_UNITS, jax.device_count(), jax.default_backend(),
