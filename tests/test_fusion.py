@@ -217,8 +217,8 @@ def _recurrence_by_hand(g):
   return jnp.stack(out, 1)
 
 
-@pytest.mark.parametrize("unroll,together,kernel", [(1, True, "scan"), (3, True, "scan"),
-                                                    (1, False, "scan"), (0, None, "pallas_interpret")])
+@pytest.mark.parametrize("unroll,together,kernel", [
+    (1, True, "scan"), (3, True, "scan"), (1, False, "scan"), (0, None, "pallas_interpret")])
 def test_gru_gradient_is_autodiffs(unroll, together, kernel):
   """The hand-written VJP (weights' gradients after the backward loop) equals autodiff's, with
   the scan or the Pallas kernels (rows 3 -> 16 and units 6 -> 16 padded)."""
