@@ -148,7 +148,7 @@ def face_rows(config, s: Settings, peer: Peer | None) -> dict[str, dict]:
   rows = {}
   for name, runs, info in (("face_train", train_runs, train_info),
                            ("face_infer", infer_runs, infer_info)):
-    rows[name] = alternate(runs, s.face_batch, "images/s", s)
+    rows[name] = alternate(runs, s.face_batch, "images/s", s, name)
     rows[name]["jax"].update(info)
     _utilisation(rows[name], info, s.face_batch, config.dtype)
   return rows
@@ -168,7 +168,7 @@ def audio_rows(config, s: Settings, peer: Peer | None) -> dict[str, dict]:
                                                           *build.audio_inputs())))
     net = peer.check(peer.lib.VGGish(config.audio), params, "VGGish")
     runs["torch"] = peer.run(peer.lib.train_step(net, stage, peer.lib.audio_loss(stage)), batch)
-  row = alternate(runs, s.audio_batch, "examples/s", s)
+  row = alternate(runs, s.audio_batch, "examples/s", s, "audio_train")
   row["jax"].update(info)
   _utilisation(row, info, s.audio_batch, config.dtype)
   return {"audio_train": row}
@@ -205,7 +205,7 @@ def fusion_rows(config, s: Settings, peer: Peer | None) -> dict[str, dict]:
   rows = {}
   for name, runs, info in (("fusion_train", train_runs, train_info),
                            ("fusion_infer", infer_runs, infer_info)):
-    rows[name] = alternate(runs, b, "sequences/s", s)
+    rows[name] = alternate(runs, b, "sequences/s", s, name)
     rows[name]["jax"].update(info, gru_kernel=f.gru_kernel)
     _utilisation(rows[name], info, b, "float32")
   return rows

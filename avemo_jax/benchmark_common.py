@@ -28,6 +28,9 @@ class Settings:
   peer: bool = True  # time the PyTorch peer too (it must be installed)
   predict_export: str = ""  # predict_fps: tools/export.py's --out of a trained workdir
   predict_video: str = ""  # predict_fps: a video with a face (and sound)
+  # A jax.profiler trace of 2 more JAX reps of each model row, after its timed ones, into
+  # PROFILE/<row> (TensorBoard's profile plugin reads the .xplane.pb, Perfetto the .trace.json.gz).
+  profile: str = ""
 
 
 def cores() -> int:
@@ -56,10 +59,10 @@ def _stats(values: list[float], unit: str) -> dict[str, Any]:
           "iqr": float(q3 - q1), "reps": len(values), "unit": unit}
 
 
-def alternate(runs: dict[str, Callable[[], None]], items: int, unit: str, s: Settings
-              ) -> dict[str, Any]:
+def alternate(runs: dict[str, Callable[[], None]], items: int, unit: str, s: Settings,
+              row: str = "") -> dict[str, Any]:
   """{name: throughput stats} over alternating reps of each run (items per rep / seconds), with
-  "ratio" = JAX median / torch median when both ran."""
+  "ratio" = JAX median / torch median when both ran; with `s.profile`, a trace of `row`."""
   seconds = {name: [] for name in runs}
   for rep in range(s.warmup + s.reps):
     for name, run in runs.items():
@@ -67,6 +70,10 @@ def alternate(runs: dict[str, Callable[[], None]], items: int, unit: str, s: Set
       run()
       if rep >= s.warmup:
         seconds[name].append(time.perf_counter() - start)
+  if s.profile and row:
+    with jax.profiler.trace(pathlib.Path(s.profile) / row, create_perfetto_trace=True):
+      for _ in range(2):
+        runs["jax"]()
   row = {name: _stats([items / t for t in ts], unit) for name, ts in seconds.items()}
   if "torch" in row:
     row["ratio"] = row["jax"]["median"] / row["torch"]["median"]

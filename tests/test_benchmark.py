@@ -1,5 +1,6 @@
 """tools/benchmark.py: the PyTorch peer matches our networks, and a --quick run writes the JSON
 and Markdown the README documents. No timing is asserted."""
+import gzip
 import json
 import pathlib
 import subprocess
@@ -97,7 +98,7 @@ def test_quick_run_writes_the_documented_json(tmp_path):
   out, table = tmp_path / "bench.json", tmp_path / "bench.md"
   done = subprocess.run(
       [sys.executable, "tools/benchmark.py", "--quick", f"--only={','.join(rows)}",
-       f"--out={out}", f"--markdown={table}"],
+       f"--out={out}", f"--markdown={table}", f"--profile={tmp_path / 'profile'}"],
       cwd=ROOT, capture_output=True, text=True, timeout=600, check=False)
   assert done.returncode == 0, done.stderr[-3000:]
   results = json.loads(out.read_text())
@@ -111,6 +112,12 @@ def test_quick_run_writes_the_documented_json(tmp_path):
     assert row["ratio"] == pytest.approx(row["jax"]["median"] / row["torch"]["median"])
     assert row["jax"]["compile_s"] > 0
   assert "--predict_export" in results["predict_fps"]["not_measured"]
+  traced = {"face_train": "teacher_step", "face_infer": "predict", "audio_train": "audio_step",
+            "fusion_train": "<lambda>", "fusion_infer": "<lambda>"}  # each row's jitted step
+  for name, step in traced.items():
+    trace, = (tmp_path / "profile" / name).glob("plugins/profile/*/*.trace.json.gz")
+    events = json.loads(gzip.decompress(trace.read_bytes()))["traceEvents"]
+    assert f"PjitFunction(jit({step}))" in {e.get("name") for e in events}, name
   markdown = table.read_text()
   assert "| face_train |" in markdown and "Machine:" in done.stdout
 

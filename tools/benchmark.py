@@ -44,6 +44,8 @@ _PEER = flags.DEFINE_enum("peer", "auto", ["auto", "on", "off"], "Time the PyTor
 _PREDICT_EXPORT = flags.DEFINE_string("predict_export", "", "predict_fps: an export directory "
                                       "(tools/export.py --out) of a trained workdir.")
 _PREDICT_VIDEO = flags.DEFINE_string("predict_video", "", "predict_fps: a video with a face.")
+_PROFILE = flags.DEFINE_string("profile", "", "A jax.profiler trace of 2 more JAX reps of each "
+                               "model row into this folder, PROFILE/<row>.")
 _QUICK = flags.DEFINE_bool("quick", False, "The :tiny configs, tiny batches, 1 warm-up and 2 "
                            "timed reps: a check of the tool, not a measurement.")
 
@@ -66,6 +68,7 @@ def main(argv):
       fusion_batch=2 if quick else _FUSION_BATCH.value, frames=50 if quick else _FRAMES.value,
       pipeline_batches=2 if quick else benchmark.Settings.pipeline_batches,
       predict_export=_PREDICT_EXPORT.value, predict_video=_PREDICT_VIDEO.value,
+      profile=_PROFILE.value,
       peer=_PEER.value == "on" or (_PEER.value == "auto" and has_torch))
   logging.info("benchmark: %s", settings)
   results = benchmark.run(config, settings, tuple(_ONLY.value))
