@@ -1,6 +1,6 @@
 """Programs compiled by XLA for an NVIDIA H200 without one (deviceless compilation, as for
 ahead-of-time builds): the fusion GRU's Pallas kernels through XLA's own Triton, then CUDA's
-ptxas, and the face train step in its GPU forms. Needs JAX's CUDA plugin (`pip install -e
+ptxas, the face train step in its GPU forms, and every stage's train step for 8 GPUs. Needs JAX's CUDA plugin (`pip install -e
 '.[cuda12,test]'`; no GPU or driver needed), else skipped: CI does not install it (3 GB);
 test_gru_pallas.py compiles the kernels with Triton's wheel there."""
 import functools
@@ -16,11 +16,8 @@ pytest.importorskip("jax_plugins.xla_cuda12",
 
 from jax.experimental import topologies
 
-from avemo_jax.benchmark_common import face_batch
-from avemo_jax.models import gru_pallas, layers
-from avemo_jax.train import build, steps
-from avemo_jax.train import state as state_lib
-from configs import teacher
+import deviceless
+from avemo_jax.models import gru_pallas
 from test_gru_pallas import _grus, _train
 
 # What XLA's GPU compiler reads of the device: an H200 SXM (sm_90, 132 SMs, 227 KB of shared
@@ -42,19 +39,15 @@ device_description_str: "NVIDIA H200"
 """
 
 
-@pytest.fixture(autouse=True)
-def _uncached():
-  """Deviceless executables do not load back from the persistent compilation cache."""
-  enabled = jax.config.jax_enable_compilation_cache
-  jax.config.update("jax_enable_compilation_cache", False)
-  yield
-  jax.config.update("jax_enable_compilation_cache", enabled)
+def _h200s(n: int) -> list:
+  """n H200s of one machine, as XLA compiles for them."""
+  return topologies.get_topology_desc(platform="cuda", target_config=H200,
+                                      topology=f"1x1x{n}").devices
 
 
 @functools.cache
 def _on_h200() -> jax.sharding.NamedSharding:
-  topology = topologies.get_topology_desc(platform="cuda", target_config=H200, topology="1x1x1")
-  return jax.sharding.NamedSharding(topologies.make_mesh(topology, (1,), ("data",)),
+  return jax.sharding.NamedSharding(jax.make_mesh((1,), ("data",), devices=_h200s(1)),
                                     jax.sharding.PartitionSpec())
 
 
@@ -69,7 +62,8 @@ def test_xla_compiles_the_gru_kernels_for_an_h200(units, tmp_path):
   """XLA refuses a kernel over the block's shared memory (RESOURCE_EXHAUSTED: checked at 256
   units, 800 KB) and its PTX assembles without spills."""
   grus = _abstract(_grus([(750, 64, units)] * 2))
-  compiled = jax.jit(_train).lower(grus).compile({"xla_dump_to": str(tmp_path)})
+  with deviceless.uncached():
+    compiled = jax.jit(_train).lower(grus).compile({"xla_dump_to": str(tmp_path)})
   assert compiled.as_text().count('custom_call_target="__gpu$xla.gpu.triton"') == 2
   kernels = {name: path for path in tmp_path.glob("*.ptx")
              for name in re.findall(r"^\.visible \.entry (\w+_kernel)\(", path.read_text(), re.M)}
@@ -85,17 +79,17 @@ def test_xla_compiles_the_gru_kernels_for_an_h200(units, tmp_path):
 def test_face_train_step_compiles_for_an_h200_in_its_gpu_forms():
   """bfloat16: cuDNN's convolutions (both gradients), none of `layers`' CPU forms (their names
   are in the program's metadata) and no YNNPACK fusions."""
-  config = teacher.get_config("tiny")
-  model, stage = build.face_model(config.model, dtype="bfloat16"), config.teacher
-  template = _abstract(jax.eval_shape(lambda: state_lib.create(
-      model, stage, jax.random.key(0), build.face_inputs(config.data.image_size))))
-  step = functools.partial(steps.teacher_step, weights=dict(stage.loss),
-                           margins=tuple(stage.triplet_margins))
-  with layers.every_platform():  # this process's backend is the CPU
-    lowered = jax.jit(step, donate_argnums=0).lower(template, _abstract(face_batch(config, 16)))
-  text = lowered.compile().as_text()
+  text = deviceless.train_step(_h200s(1), "teacher")
   convolutions = re.findall(r"= \((\w+)\[.*custom_call_target=\"__cudnn\$(conv\w*)\"", text)
   assert {kind for _, kind in convolutions} == {"convForward", "convBackwardInput",
                                                 "convBackwardFilter"}
   assert {dtype for dtype, _ in convolutions} == {"bf16"}, convolutions
   assert "_cpu_" not in text and "__ynn" not in text
+
+
+@pytest.mark.parametrize("name", deviceless.STAGES)
+def test_train_step_compiles_for_eight_h200s(name):
+  """As `parallel.DataParallel` compiles it for one machine's 8 GPUs: the gradients summed over
+  them (all-reduce), none of `layers`' CPU forms."""
+  text = deviceless.train_step(_h200s(8), name)
+  assert re.search(r" all-reduce-start\(", text) and "_cpu_" not in text  # asynchronous on GPUs
