@@ -66,12 +66,13 @@ def _inputs(config, name: str):
   return build.face_inputs(config.data.image_size)
 
 
-def train_step(devices: list, name: str) -> str:
+def train_step(devices: list, name: str, gru_kernel: str = "scan") -> str:
   """Stage `name`'s train step (`configs/fusion.py:tiny`, bf16) compiled for `devices` as
   `parallel.DataParallel` compiles it (state replicated, batch split over the devices), in the
   forms of those devices' platform -> the compiled program's text."""
   config = fusion.get_config("tiny")
   config.dtype = "bfloat16"  # "auto" on GPUs and TPUs
+  config.fusion.gru_kernel = gru_kernel
   model, cfg, step, args, batch = _stage(config, name)
   template = jax.eval_shape(lambda: state_lib.create(model, cfg, jax.random.key(0),
                                                      _inputs(config, name)))

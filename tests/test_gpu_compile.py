@@ -17,7 +17,7 @@ pytest.importorskip("jax_plugins.xla_cuda12",
 from jax.experimental import topologies
 
 import deviceless
-from avemo_jax.models import gru_pallas
+from avemo_jax.models import fusion, gru_pallas
 from test_gru_pallas import _grus, _train
 
 # What XLA's GPU compiler reads of the device: an H200 SXM (sm_90, 132 SMs, 227 KB of shared
@@ -93,3 +93,14 @@ def test_train_step_compiles_for_eight_h200s(name):
   them (all-reduce), none of `layers`' CPU forms."""
   text = deviceless.train_step(_h200s(8), name)
   assert re.search(r" all-reduce-start\(", text) and "_cpu_" not in text  # asynchronous on GPUs
+
+
+def test_fusion_train_step_runs_the_gru_kernels_on_an_h200(monkeypatch):
+  """`gru_kernel="pallas"`: the fused model's two GRUs (one shape) in one launch each way, inside
+  the real step (windows, loss, AdamW, the non-finite guard). `runs_kernel` answers as on one
+  GPU: this process's devices are the CPU's."""
+  monkeypatch.setattr(fusion, "runs_kernel", lambda kernel, units, *shape: (
+      kernel == "pallas" and gru_pallas.fits(units, *shape)))
+  text = deviceless.train_step(_h200s(1), "fusion", gru_kernel="pallas")
+  assert text.count('custom_call_target="__gpu$xla.gpu.triton"') == 2
+  assert " while(" not in text  # no scan left
