@@ -60,9 +60,10 @@ def _stats(values: list[float], unit: str) -> dict[str, Any]:
 
 
 def alternate(runs: dict[str, Callable[[], None]], items: int, unit: str, s: Settings,
-              row: str = "") -> dict[str, Any]:
+              trace_as: str = "") -> dict[str, Any]:
   """{name: throughput stats} over alternating reps of each run (items per rep / seconds), with
-  "ratio" = JAX median / torch median when both ran; with `s.profile`, a trace of `row`."""
+  "ratio" = JAX median / torch median when both ran; with `s.profile`, a trace of the JAX run
+  named `trace_as` (the row)."""
   seconds = {name: [] for name in runs}
   for rep in range(s.warmup + s.reps):
     for name, run in runs.items():
@@ -70,8 +71,8 @@ def alternate(runs: dict[str, Callable[[], None]], items: int, unit: str, s: Set
       run()
       if rep >= s.warmup:
         seconds[name].append(time.perf_counter() - start)
-  if s.profile and row:
-    with jax.profiler.trace(pathlib.Path(s.profile) / row, create_perfetto_trace=True):
+  if s.profile and trace_as:
+    with jax.profiler.trace(pathlib.Path(s.profile) / trace_as, create_perfetto_trace=True):
       for _ in range(2):
         runs["jax"]()
   row = {name: _stats([items / t for t in ts], unit) for name, ts in seconds.items()}

@@ -29,22 +29,24 @@ def uncached():
 
 
 def _stage(config, name: str):
-  """(model, its stage config, step, extra step arguments, a global batch) of one stage, as
-  `train.stages` trains it."""
+  """(model, its stage config, its example inputs, step, extra step arguments, a global batch)
+  of one stage, as `train.stages` trains it."""
   rng = np.random.default_rng(0)
   if name in ("teacher", "student"):
     cfg, model = config[name], build.face_model(config.model, dtype=config.dtype)
+    inputs, batch = build.face_inputs(config.data.image_size), face_batch(config, 64)
     kw = dict(weights=dict(cfg.loss), margins=tuple(cfg.triplet_margins))
     if name == "teacher":
-      return model, cfg, functools.partial(steps.teacher_step, **kw), (), face_batch(config, 64)
-    teacher = jax.eval_shape(lambda: model.init(jax.random.key(0), *build.face_inputs(
-        config.data.image_size), train=False))
-    return (model, cfg, functools.partial(steps.distill_step, temperature=cfg.temperature, **kw),
-            (teacher,), face_batch(config, 64))
+      return model, cfg, inputs, functools.partial(steps.teacher_step, **kw), (), batch
+    teacher = jax.eval_shape(lambda: model.init(jax.random.key(0), *inputs, train=False))
+    return (model, cfg, inputs,
+            functools.partial(steps.distill_step, temperature=cfg.temperature, **kw),
+            (teacher,), batch)
   if name == "audio":
     batch = {"mel": rng.normal(size=(16, 96, 64)).astype(np.float32),
              "labels": rng.uniform(-1, 1, (16, 2)).astype(np.float32)}
     return (build.audio_model(config.audio, dtype=config.dtype), config.audio.train,
+            build.audio_inputs(),
             functools.partial(steps.audio_step, weights=dict(config.audio.train.loss)), (), batch)
   dims = {"visual": config.model.feature_dim, "audio": config.audio.embed_dim}
   frames, f = config.fusion.chunk_frames, config.fusion
@@ -52,18 +54,9 @@ def _stage(config, name: str):
            "labels": np.zeros((4, 2 * frames, 2), np.float32),
            "lengths": np.full(4, 2 * frames, np.int32)}
   windows = {"recording": np.arange(16, dtype=np.int32) % 4, "start": np.zeros(16, np.int32)}
-  return (build.fusion_model(f, tuple(dims)), f.train,
+  return (build.fusion_model(f, tuple(dims)), f.train, build.fusion_inputs(dims),
           functools.partial(steps.fusion_step, frames=frames, weights=dict(f.train.loss), seed=0),
           (table,), windows)
-
-
-def _inputs(config, name: str):
-  if name == "audio":
-    return build.audio_inputs()
-  if name == "fusion":
-    return build.fusion_inputs({"visual": config.model.feature_dim,
-                                "audio": config.audio.embed_dim})
-  return build.face_inputs(config.data.image_size)
 
 
 def train_step(devices: list, name: str, gru_kernel: str = "scan") -> str:
@@ -73,9 +66,8 @@ def train_step(devices: list, name: str, gru_kernel: str = "scan") -> str:
   config = fusion.get_config("tiny")
   config.dtype = "bfloat16"  # "auto" on GPUs and TPUs
   config.fusion.gru_kernel = gru_kernel
-  model, cfg, step, args, batch = _stage(config, name)
-  template = jax.eval_shape(lambda: state_lib.create(model, cfg, jax.random.key(0),
-                                                     _inputs(config, name)))
+  model, cfg, inputs, step, args, batch = _stage(config, name)
+  template = jax.eval_shape(lambda: state_lib.create(model, cfg, jax.random.key(0), inputs))
   abstract = lambda tree: jax.tree.map(lambda a: jax.ShapeDtypeStruct(np.shape(a), a.dtype), tree)
   par = parallel.DataParallel("jit", devices=devices)
   with layers.every_platform(), uncached():  # this process's backend is the CPU

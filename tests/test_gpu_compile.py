@@ -1,8 +1,9 @@
-"""Programs compiled by XLA for an NVIDIA H200 without one (deviceless compilation, as for
+"""Programs compiled by XLA for NVIDIA H200s without one (deviceless compilation, as for
 ahead-of-time builds): the fusion GRU's Pallas kernels through XLA's own Triton, then CUDA's
-ptxas, the face train step in its GPU forms, and every stage's train step for 8 GPUs. Needs JAX's CUDA plugin (`pip install -e
-'.[cuda12,test]'`; no GPU or driver needed), else skipped: CI does not install it (3 GB);
-test_gru_pallas.py compiles the kernels with Triton's wheel there."""
+ptxas; the face and fusion train steps in their GPU forms; every stage's train step for 8 GPUs.
+Needs JAX's CUDA plugin (`pip install -e '.[cuda12,test]'`; no GPU or driver needed), else
+skipped: CI does not install it (3 GB); test_gru_pallas.py compiles the kernels with Triton's
+wheel there."""
 import functools
 import pathlib
 import re
