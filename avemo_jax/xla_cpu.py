@@ -8,12 +8,16 @@ convolutions (Eigen's) ran the forward as fast as torch (31 and 23 ms) and the t
 torch's speed, face inference 0.97 -> 1.28-1.29 (README, *Speed in detail*). On 2 AMD EPYC (Zen 5)
 cores YNNPACK's ran twice as fast as on the Xeon and Eigen's were no faster per core: the face
 train step fell 9% without YNNPACK's (measured with the convolution forms of `models.layers` for
-YNNPACK).
-So "auto" (the default) routes the convolutions to Eigen on Intel CPUs and keeps XLA's default
-elsewhere; AVEMO_CPU_CONVOLUTIONS=eigen or =ynnpack chooses, and the user's own
---xla_cpu_experimental_ynn_fusion_type in XLA_FLAGS is left alone. `models.layers` reads the choice
-back from XLA_FLAGS (`convolutions`): XLA's plain convolutions with Eigen, its own forms of the kxk
-ones (padded, im2col products) with YNNPACK.
+YNNPACK). On 2 AMD EPYC Zen 3 cores (AVX2, no AVX-512) Eigen's won again: face train 8.4 -> 11.3
+images/s (torch's 8.9 and 10.3 beside them), inference 27.6 -> 50.7, VGGish train 12.6-13.2 ->
+17.4-19.4 examples/s, the first face step 63-77 -> 58-62 s cold (README, *On 2 AMD EPYC Zen 3
+cores*).
+So "auto" (the default) keeps XLA's default (YNNPACK) on the CPUs where it was measured faster,
+AMD family 26 (Zen 5) and later, and routes the convolutions to Eigen on every other x86 CPU;
+elsewhere (ARM: not measured) XLA's default stays. AVEMO_CPU_CONVOLUTIONS=eigen or =ynnpack
+chooses, and the user's own --xla_cpu_experimental_ynn_fusion_type in XLA_FLAGS is left alone.
+`models.layers` reads the choice back from XLA_FLAGS (`convolutions`): XLA's plain convolutions
+with Eigen, its own forms of the kxk ones (padded, im2col products) with YNNPACK.
 """
 import os
 import pathlib
@@ -26,9 +30,23 @@ _FLAG = "--xla_cpu_experimental_ynn_fusion_type"
 _CONVOLUTION = "LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION"
 
 
-def _intel() -> bool:
+def _cpu() -> tuple[str, int]:
+  """(vendor_id, cpu family) of the first CPU in /proc/cpuinfo; ("", 0) where it says neither
+  (not Linux, not x86)."""
   info = pathlib.Path("/proc/cpuinfo")
-  return info.exists() and "GenuineIntel" in info.read_text()
+  fields = {}
+  for line in info.read_text().splitlines() if info.exists() else []:
+    key, _, value = line.partition(":")
+    fields.setdefault(key.strip(), value.strip())
+  family = fields.get("cpu family", "")
+  return fields.get("vendor_id", ""), int(family) if family.isdigit() else 0
+
+
+def _eigen_faster() -> bool:
+  """Whether Eigen's convolutions are the faster ones on this CPU (module docstring): x86 but
+  not AMD's Zen 5 or later."""
+  vendor, family = _cpu()
+  return vendor == "GenuineIntel" or (vendor == "AuthenticAMD" and family < 26)
 
 
 def prepare() -> None:
@@ -46,12 +64,13 @@ def configure() -> str:
   XLA does not compute on the CPU."""
   choice = os.environ.get(ENV) or "auto"
   if choice not in CHOICES:
-    raise ValueError(f"{ENV}={choice!r}: set one of {', '.join(CHOICES)} (auto: Eigen's "
-                     "convolutions on Intel CPUs, YNNPACK's elsewhere), or leave it unset")
+    raise ValueError(f"{ENV}={choice!r}: set one of {', '.join(CHOICES)} (auto: YNNPACK's "
+                     "convolutions on AMD Zen 5 and later and on non-x86 CPUs, Eigen's on other "
+                     "x86 CPUs), or leave it unset")
   flags = os.environ.get("XLA_FLAGS", "")
   if _FLAG in flags or not hostmem.computes_on_cpu():
     return convolutions()
-  if choice == "eigen" or (choice == "auto" and _intel()):
+  if choice == "eigen" or (choice == "auto" and _eigen_faster()):
     os.environ["XLA_FLAGS"] = f"{flags} {_FLAG}=-{_CONVOLUTION}".strip()
   return convolutions()
 

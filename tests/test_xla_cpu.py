@@ -28,11 +28,15 @@ def test_convolutions_read_back_from_xla_flags(flags, want, monkeypatch):
   assert xla_cpu.convolutions() == want
 
 
-@pytest.mark.parametrize("choice,intel,want", [
-    ("auto", True, "eigen"), ("auto", False, "ynnpack"), ("eigen", False, "eigen"),
-    ("ynnpack", True, "ynnpack"), (None, True, "eigen"), ("", True, "eigen")])
-def test_configure_appends_the_flag_for_the_choice(choice, intel, want, monkeypatch):
-  monkeypatch.setattr(xla_cpu, "_intel", lambda: intel)
+XEON, ZEN3, ZEN5, ARM = ("GenuineIntel", 6), ("AuthenticAMD", 25), ("AuthenticAMD", 26), ("", 0)
+
+
+@pytest.mark.parametrize("choice,cpu,want", [
+    ("auto", XEON, "eigen"), ("auto", ZEN3, "eigen"), ("auto", ZEN5, "ynnpack"),
+    ("auto", ARM, "ynnpack"), ("eigen", ZEN5, "eigen"), ("ynnpack", XEON, "ynnpack"),
+    (None, XEON, "eigen"), ("", ZEN3, "eigen"), (None, ZEN5, "ynnpack")])
+def test_configure_appends_the_flag_for_the_choice(choice, cpu, want, monkeypatch):
+  monkeypatch.setattr(xla_cpu, "_cpu", lambda: cpu)
   monkeypatch.setattr(hostmem, "computes_on_cpu", lambda: True)
   monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
   if choice is None:
@@ -46,7 +50,7 @@ def test_configure_appends_the_flag_for_the_choice(choice, intel, want, monkeypa
 
 
 def test_configure_leaves_the_users_flag_and_accelerators_alone(monkeypatch):
-  monkeypatch.setattr(xla_cpu, "_intel", lambda: True)
+  monkeypatch.setattr(xla_cpu, "_cpu", lambda: XEON)
   monkeypatch.setattr(hostmem, "computes_on_cpu", lambda: True)
   own = "--xla_cpu_experimental_ynn_fusion_type=-LIBRARY_FUSION_TYPE_REDUCE"
   monkeypatch.setenv("XLA_FLAGS", own)
@@ -54,6 +58,21 @@ def test_configure_leaves_the_users_flag_and_accelerators_alone(monkeypatch):
   monkeypatch.setattr(hostmem, "computes_on_cpu", lambda: False)
   monkeypatch.setenv("XLA_FLAGS", "")
   assert xla_cpu.configure() == "ynnpack" and os.environ["XLA_FLAGS"] == ""
+
+
+def test_cpu_reads_the_first_processor_of_cpuinfo(tmp_path, monkeypatch):
+  """Vendor and family of processor 0, as Linux writes /proc/cpuinfo; nothing where it is
+  missing or says neither (ARM's lists "CPU implementer" instead)."""
+  info = tmp_path / "cpuinfo"
+  entry = "processor\t: {}\nvendor_id\t: AuthenticAMD\ncpu family\t: {}\nmodel\t\t: 1\n"
+  info.write_text(entry.format(0, 25) + "\n" + entry.format(1, 26))
+  real = xla_cpu.pathlib.Path
+  monkeypatch.setattr(xla_cpu.pathlib, "Path", lambda p: info if p == "/proc/cpuinfo" else real(p))
+  assert xla_cpu._cpu() == ("AuthenticAMD", 25)
+  info.write_text("processor\t: 0\nCPU implementer\t: 0x41\nCPU architecture: 8\n")
+  assert xla_cpu._cpu() == ("", 0)
+  info.unlink()
+  assert xla_cpu._cpu() == ("", 0)
 
 
 @pytest.mark.parametrize("value", ["Eigen", "onednn"])

@@ -2,8 +2,8 @@
 
 - a 1x1 convolution is a matrix product over the channels (all platforms: XLA's CPU convolutions
   ran them at about half a product's speed);
-- a kxk convolution on CPU, where XLA runs it with YNNPACK (`xla_cpu`: XLA's default except on
-  Intel CPUs), is `_cpu_conv`, with its own gradient; where XLA runs it with Eigen, XLA's plain
+- a kxk convolution on CPU, where XLA runs it with YNNPACK (`xla_cpu`: XLA's default on AMD Zen 5
+  and non-x86 CPUs), is `_cpu_conv`, with its own gradient; where XLA runs it with Eigen, XLA's plain
   convolution (the fastest form there). `_cpu_conv`: forward at stride 1 by XLA's convolution,
   padded by at least one on every side and cropped (unpadded windows ran 1.3-2.5x slower),
   strided as im2col (the strided slices of its taps concatenated over channels, times the
