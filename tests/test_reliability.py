@@ -13,6 +13,7 @@ import grain
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from avemo_jax import parallel
@@ -108,6 +109,9 @@ def test_nonfinite_skip_counts_and_finishes(tmp_path):
   logged = [l for l in lines if "loss" in l]
   assert [l["skipped_steps"] for l in logged] == [1, 1, 1]
   assert all(np.isfinite(l["loss"]) for l in logged)
+  # Taken by the loop at log time, of the parameters then: the last window's is the final one.
+  assert logged[-1]["param_norm"] == pytest.approx(float(optax.tree.norm(state.params)), 1e-6)
+  assert logged[0]["param_norm"] != logged[-1]["param_norm"]
 
 
 class _Wrapped:

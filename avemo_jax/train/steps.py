@@ -85,8 +85,8 @@ def _apply_gradients(state: TrainState, loss_fn: Callable, axis_name: str | None
   finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
   state = jax.lax.cond(finite, lambda s: s.apply_gradients(grads=grads, batch_stats=batch_stats),
                        lambda s: s, state)
-  param_norm = optax.tree.norm(state.params)
-  metrics = {**metrics, "loss": loss, "grad_norm": grad_norm, "param_norm": param_norm,
+  # The parameters' norm is the loop's, at log time (`loop.param_norm`), not every step's.
+  metrics = {**metrics, "loss": loss, "grad_norm": grad_norm,
              "nonfinite": 1.0 - finite.astype(jnp.float32)}
   return state, metrics
 
