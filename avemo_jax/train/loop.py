@@ -53,8 +53,8 @@ class Stage:
 
 PREFETCH = 2  # batches read (on accelerators: put on the devices) ahead of the step
 # The parameters' L2 norm, logged with each window: its own program, run at log time. In every
-# step it was one reduction per parameter array (331 in the face step, each a YNNPACK fusion on
-# the CPU, whose cached executable then loaded 5-6 s slower on 2 Zen 3 cores).
+# step it was a reduction per parameter array (331 in the face step: on the CPU 114 more YNNPACK
+# fusions, which XLA loads one by one, and a warm first step 2-3 s slower on 2 Zen 3 cores).
 param_norm = jax.jit(optax.tree.norm)
 
 
