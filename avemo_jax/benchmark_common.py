@@ -40,9 +40,7 @@ def cores() -> int:
 
 def machine() -> str:
   """The device, CPU model, cores and library versions the figures come from."""
-  info = pathlib.Path("/proc/cpuinfo")
-  lines = info.read_text().splitlines() if info.exists() else []
-  cpu = next((l.split(":", 1)[1].strip() for l in lines if l.startswith("model name")), "CPU")
+  cpu = xla_cpu.cpuinfo().get("model name", "CPU")
   versions = [f"jax {jax.__version__}"]
   if importlib.util.find_spec("torch"):
     import torch  # pylint: disable=import-outside-toplevel

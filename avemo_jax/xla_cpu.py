@@ -30,14 +30,20 @@ _FLAG = "--xla_cpu_experimental_ynn_fusion_type"
 _CONVOLUTION = "LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION"
 
 
-def _cpu() -> tuple[str, int]:
-  """(vendor_id, cpu family) of the first CPU in /proc/cpuinfo; ("", 0) where it says neither
-  (not Linux, not x86)."""
+def cpuinfo() -> dict[str, str]:
+  """The fields of the first processor in /proc/cpuinfo ("vendor_id", "cpu family", "model
+  name", ...); empty where there is none (not Linux)."""
   info = pathlib.Path("/proc/cpuinfo")
   fields = {}
   for line in info.read_text().splitlines() if info.exists() else []:
     key, _, value = line.partition(":")
     fields.setdefault(key.strip(), value.strip())
+  return fields
+
+
+def _cpu() -> tuple[str, int]:
+  """(vendor_id, cpu family) of this CPU; ("", 0) where cpuinfo says neither (not x86)."""
+  fields = cpuinfo()
   family = fields.get("cpu family", "")
   return fields.get("vendor_id", ""), int(family) if family.isdigit() else 0
 
