@@ -1,8 +1,9 @@
 """Data parallelism on the 8 fake CPU devices: one step on 1 device, on 8 devices (jit) and under
 pmap gives the same parameters for the same global batch, each compiled once; checkpoints
-written on 8 devices resume on 1 and back; global batches that do not split are refused;
+written on 8 devices resume on 1 and back, and saving them compiles nothing; global batches that do not split are refused;
 bf16 trains like float32."""
 import functools
+import logging
 import shutil
 
 import jax
@@ -13,7 +14,7 @@ from avemo_jax import parallel
 from avemo_jax.data import pipeline, sequences
 from avemo_jax.train import build, loop, stages, steps
 from avemo_jax.train import state as state_lib
-from avemo_jax.train.checkpoint import load_variables
+from avemo_jax.train.checkpoint import Checkpoints, load_variables
 from configs import audio, distill, fusion
 
 STEPS = 2
@@ -148,6 +149,21 @@ def test_checkpoint_resumes_on_another_number_of_devices(tmp_path, written, resu
   _assert_same(resumed_params, uninterrupted)
   restored = load_variables(str(tmp_path / "b"), template, "test")  # step 6 again
   _assert_same(jax.device_get(restored["params"]), uninterrupted)
+
+
+def test_saving_a_state_on_8_devices_compiles_nothing(tmp_path, caplog):
+  """Each replicated array is written once, from its first replica, not split among its 8
+  replicas by eager slices (one small program compiled per slice shape; shapes of this test
+  alone, so none was compiled before in this process)."""
+  state = parallel.DataParallel("jit").put({"w": np.arange(4104.0), "b": np.ones((3, 41, 5))})
+  checkpoints = Checkpoints(tmp_path, max_to_keep=1)
+  with jax.log_compiles(True), caplog.at_level(logging.WARNING):
+    checkpoints.save(1, jax.block_until_ready(state), None)
+    checkpoints.manager.wait_until_finished()
+  assert not [r.getMessage() for r in caplog.records if "compil" in r.getMessage()]
+  restored = checkpoints.restore(parallel.DataParallel("jit").abstract(state), None)
+  checkpoints.close()
+  _assert_same(jax.device_get(restored), jax.device_get(state))
 
 
 def test_global_batch_must_split_over_devices():
