@@ -38,22 +38,29 @@ def make_optimizer(stage: ml_collections.ConfigDict) -> optax.GradientTransforma
 
 def create(model: nn.Module, stage: ml_collections.ConfigDict, rng: jax.Array,
            inputs: tuple[Any, ...], variables: dict[str, Any] | None = None) -> TrainState:
-  """Initialises on example `inputs` (under jit: eager init of a big convnet is slow) or wraps
-  given variables. Models without BatchNorm get empty `batch_stats`."""
-  if variables is None:
-    # Run once: compiled without XLA's backend optimisations (full face network on 2 CPU cores:
-    # 8.7 -> 5.1 s to compile, 0.08 -> 0.49 s to run); inside a trace (eval_shape) a plain jit.
-    traced = any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves((rng, inputs)))
-    options = None if traced else {"xla_backend_optimization_level": 0}
-    with hostmem.gc_paused():
-      variables = jax.jit(lambda r, xs: model.init(r, *xs, train=False),
-                          compiler_options=options)(rng, inputs)
-  else:  # own buffers: the train step donates the state, and `variables` may be a teacher's
-    variables = jax.tree.map(jnp.copy, variables)
-  state = TrainState.create(apply_fn=model.apply, params=variables["params"],
-                            batch_stats=variables.get("batch_stats", {}), tx=make_optimizer(stage))
-  # A Python-int step is weakly typed; the step's output is not: the jit would compile twice.
-  return state.replace(step=jnp.zeros((), jnp.int32))
+  """Initialises on example `inputs`, or wraps a copy of given variables (the train step donates
+  the state, and `variables` may be a teacher's). Models without BatchNorm get empty
+  `batch_stats`. One program makes the whole state, variables and optimizer state: eagerly, each
+  optimizer array shape would be a small program compiled of its own (the `:tiny` face state on
+  2 CPU cores: 38 of them, 6.5 s)."""
+  tx = make_optimizer(stage)
+
+  def make(rng, inputs, variables):
+    if variables is None:
+      variables = model.init(rng, *inputs, train=False)
+    else:  # own buffers (a copy is never an input forwarded as the output)
+      variables = jax.tree.map(jnp.copy, variables)
+    state = TrainState.create(apply_fn=model.apply, params=variables["params"],
+                              batch_stats=variables.get("batch_stats", {}), tx=tx)
+    # A Python-int step is weakly typed; the step's output is not: the jit would compile twice.
+    return state.replace(step=jnp.zeros((), jnp.int32))
+
+  # Run once: compiled without XLA's backend optimisations (full face network on 2 CPU cores:
+  # 8.7 -> 5.1 s to compile, 0.08 -> 0.49 s to run); inside a trace (eval_shape) a plain jit.
+  traced = any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves((rng, inputs, variables)))
+  options = None if traced else {"xla_backend_optimization_level": 0}
+  with hostmem.gc_paused():
+    return jax.jit(make, compiler_options=options)(rng, inputs, variables)
 
 
 def start_from(state: TrainState, path: str, kind: str, *, what: str, section: str,
