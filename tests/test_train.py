@@ -2,8 +2,10 @@
 import contextlib
 import functools
 import json
+import logging
 import shutil
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -64,6 +66,34 @@ def test_distill_step_compiles_once_and_leaves_teacher_unchanged(setup):
   assert int(state.step) == 3 and np.isfinite(float(metrics["loss"]))
   assert set(dict(cfg.loss)) <= set(metrics)  # every weighted term is logged
   jax.tree.map(np.testing.assert_array_equal, before, jax.tree.map(np.asarray, teacher_vars))
+
+
+class _TwoLayers(nn.Module):
+  @nn.compact
+  def __call__(self, x, *, train):
+    del train
+    return nn.Dense(23)(nn.Dense(37)(x))
+
+
+def test_a_state_is_made_by_one_program(caplog):
+  """Fresh or from given variables, the variables and the optimizer state come from one compiled
+  program (eagerly, each optimizer array shape compiled one of its own; shapes of this test
+  alone, so none was compiled before in this process)."""
+  model = _TwoLayers()
+  cfg = teacher.get_config("tiny").teacher
+  inputs = (jnp.ones((2, 11)),)
+  for variables in (None, model.init(jax.random.key(1), *inputs, train=False)):
+    caplog.clear()
+    with jax.log_compiles(True), caplog.at_level(logging.WARNING):
+      state = jax.block_until_ready(state_lib.create(model, cfg, jax.random.key(0), inputs,
+                                                     variables))
+    compiled = [r.getMessage() for r in caplog.records
+                if "Finished XLA compilation" in r.getMessage()]
+    assert len(compiled) == 1 and "initial_state" in compiled[0], compiled
+    assert {p["kernel"].shape for p in state.params.values()} == {(11, 37), (37, 23)}
+    assert int(state.step) == 0
+    assert jax.tree.structure(state.opt_state) == jax.tree.structure(
+        state.tx.init(state.params))
 
 
 def test_worker_processes_give_the_same_batches_and_resume():

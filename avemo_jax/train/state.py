@@ -45,7 +45,7 @@ def create(model: nn.Module, stage: ml_collections.ConfigDict, rng: jax.Array,
   2 CPU cores: 38 of them, 6.5 s)."""
   tx = make_optimizer(stage)
 
-  def make(rng, inputs, variables):
+  def initial_state(rng, inputs, variables):
     if variables is None:
       variables = model.init(rng, *inputs, train=False)
     else:  # own buffers (a copy is never an input forwarded as the output)
@@ -60,7 +60,7 @@ def create(model: nn.Module, stage: ml_collections.ConfigDict, rng: jax.Array,
   traced = any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves((rng, inputs, variables)))
   options = None if traced else {"xla_backend_optimization_level": 0}
   with hostmem.gc_paused():
-    return jax.jit(make, compiler_options=options)(rng, inputs, variables)
+    return jax.jit(initial_state, compiler_options=options)(rng, inputs, variables)
 
 
 def start_from(state: TrainState, path: str, kind: str, *, what: str, section: str,
