@@ -1,7 +1,7 @@
 """Data parallelism on the 8 fake CPU devices: one step on 1 device, on 8 devices (jit) and under
 pmap gives the same parameters for the same global batch, each compiled once; checkpoints
-written on 8 devices resume on 1 and back, and saving them compiles nothing; global batches that do not split are refused;
-bf16 trains like float32."""
+written on 8 devices resume on 1 and back, and saving them compiles nothing; global batches
+that do not split are refused; bf16 trains like float32."""
 import functools
 import logging
 import shutil

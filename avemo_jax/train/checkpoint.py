@@ -52,8 +52,9 @@ class Checkpoints:
               if every_secs > 0 else None)
     options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
                                            save_decision_policy=policy)
+    self._state = _state_handler()
     self.manager = ocp.CheckpointManager(directory.absolute(), options=options,
-                                         item_handlers={"state": _state_handler(),
+                                         item_handlers={"state": self._state,
                                                         "data": ocp.JsonCheckpointHandler()})
 
   def latest_step(self) -> int | None:
@@ -90,7 +91,7 @@ class Checkpoints:
     state's arrays (names and shapes), before any is read: Orbax left the reads of a restore
     that failed on a shape pending, to end in errors whenever they were garbage-collected."""
     path = pathlib.Path(self.manager.directory) / str(step) / "state"
-    saved = _shapes(ocp.StandardCheckpointHandler().metadata(path))
+    saved = _shapes(self._state.metadata(path))
     ours = _shapes(state)
     if saved == ours:
       return
