@@ -145,7 +145,8 @@ def fusion_config(tiny: bool) -> ml_collections.ConfigDict:
 
 
 def parallel_config() -> ml_collections.ConfigDict:
-  """Data parallelism over all devices of all processes (batch sizes above are global)."""
+  """Where and how a run runs, not what it computes: data parallelism over all devices of all
+  processes (batch sizes above are global), the compilation cache."""
   p = ml_collections.ConfigDict()
   p.backend = "jit"  # "jit": NamedSharding over a ("data",) mesh; "pmap": one process only
   # jax.distributed.initialize(): "auto" when launched multi-process (TPU VM pod, SLURM, MPI),
@@ -154,6 +155,10 @@ def parallel_config() -> ml_collections.ConfigDict:
   p.coordinator_address = ""  # "host:port" of process 0, for launches JAX cannot detect
   p.num_processes = 1  # with coordinator_address
   p.process_id = 0  # with coordinator_address
+  # JAX's persistent compilation cache: a restarted run (preemption) or another run of the same
+  # programs loads its compiled steps instead of compiling them; "" off. JAX_COMPILATION_CACHE_DIR
+  # wins when set. Several processes: process 0 writes it (a path every host sees, e.g. gs://).
+  p.compilation_cache = "~/.cache/avemo_jax/xla"
   return p
 
 

@@ -1,10 +1,13 @@
 """Data parallelism on the 8 fake CPU devices: one step on 1 device, on 8 devices (jit) and under
 pmap gives the same parameters for the same global batch, each compiled once; checkpoints
 written on 8 devices resume on 1 and back, and saving them compiles nothing; global batches
-that do not split are refused; bf16 trains like float32."""
+that do not split are refused; bf16 trains like float32; the compilation cache is the config's."""
 import functools
 import logging
+import os
 import shutil
+import subprocess
+import sys
 
 import jax
 import numpy as np
@@ -179,6 +182,26 @@ def test_global_batch_must_split_over_devices():
 def test_unknown_backend_is_refused():
   with pytest.raises(ValueError, match="backend='tpu'"):
     parallel.DataParallel("tpu")
+
+
+@pytest.mark.parametrize("env", [False, True])
+def test_the_compilation_cache_is_the_configs_unless_jax_variable_sets_one(tmp_path, env):
+  """`parallel.initialize` (the main job's first call) puts JAX's persistent compilation cache
+  where `config.parallel.compilation_cache` says, "~" expanded; JAX_COMPILATION_CACHE_DIR (as
+  the tests' conftest sets) wins."""
+  code = ("import jax, jax.numpy as jnp; from avemo_jax import parallel; from configs import common; "
+          "p = common.parallel_config(); p.compilation_cache = '~/xla'; parallel.initialize(p); "
+          "jax.config.update('jax_persistent_cache_min_compile_time_secs', 0); "
+          "jax.jit(lambda x: x * 2 + 1)(jnp.ones(3)).block_until_ready()")
+  environ = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}
+  environ["HOME"] = str(tmp_path)
+  if env:
+    environ["JAX_COMPILATION_CACHE_DIR"] = str(tmp_path / "own")
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  done = subprocess.run([sys.executable, "-c", code], cwd=root, env=environ, capture_output=True,
+                        text=True, timeout=300, check=False)
+  assert done.returncode == 0, done.stderr[-3000:]
+  assert {p.parent.name for p in tmp_path.glob("*/jit_*-cache")} == {"own" if env else "xla"}
 
 
 def test_bfloat16_trains_like_float32(tmp_path):
