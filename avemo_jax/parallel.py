@@ -27,7 +27,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from jax.sharding import AxisType, NamedSharding, PartitionSpec
 
-from avemo_jax import hostmem
+from avemo_jax import compile_cache, hostmem
 
 AXIS = "data"
 BACKENDS = ("jit", "pmap")
@@ -37,8 +37,8 @@ def initialize(p: ml_collections.ConfigDict) -> None:
   """`jax.distributed.initialize` when configured (`coordinator_address`, or `distributed="on"`)
   or, with `distributed="auto"`, when a multi-process launch is detected (TPU VM pod, SLURM,
   Open MPI: JAX then finds the coordinator and this process's rank itself); and the persistent
-  compilation cache (`use_compilation_cache`). Call it first."""
-  use_compilation_cache(p.compilation_cache)
+  compilation cache (`compile_cache.use`). Call it first."""
+  compile_cache.use(p.compilation_cache)
   if p.distributed not in ("auto", "on", "off"):
     raise ValueError(f"config.parallel.distributed={p.distributed!r}: 'auto', 'on' or 'off'")
   if p.coordinator_address:
@@ -49,15 +49,6 @@ def initialize(p: ml_collections.ConfigDict) -> None:
     return
   logging.info("process %d of %d, %d of %d devices local", jax.process_index(),
                jax.process_count(), jax.local_device_count(), jax.device_count())
-
-
-def use_compilation_cache(path: str) -> None:
-  """JAX's persistent compilation cache in `path` ("~" expanded; "" leaves it off), set before
-  anything compiles: a restarted run loads its steps' executables instead of compiling them
-  (`configs/teacher.py`, 2 steps, on 2 AMD Zen 3 cores: start-up 52-60 -> 26-35 s). A cache that
-  JAX_COMPILATION_CACHE_DIR sets is left alone."""
-  if path and not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
-    jax.config.update("jax_compilation_cache_dir", os.path.expanduser(path))
 
 
 def _launched_multiprocess() -> bool:

@@ -155,9 +155,10 @@ def parallel_config() -> ml_collections.ConfigDict:
   p.coordinator_address = ""  # "host:port" of process 0, for launches JAX cannot detect
   p.num_processes = 1  # with coordinator_address
   p.process_id = 0  # with coordinator_address
-  # JAX's persistent compilation cache: a restarted run (preemption) or another run of the same
-  # programs loads its compiled steps instead of compiling them; "" off. JAX_COMPILATION_CACHE_DIR
-  # wins when set. Several processes: process 0 writes it (a path every host sees, e.g. gs://).
+  # JAX's persistent compilation cache (avemo_jax/compile_cache.py; the tools' too): a restarted
+  # run (preemption) or another run of the same programs loads its compiled steps instead of
+  # compiling them; "" off. JAX_COMPILATION_CACHE_DIR wins when set. Several processes: process
+  # 0 writes it (give a path every host sees).
   p.compilation_cache = "~/.cache/avemo_jax/xla"
   return p
 

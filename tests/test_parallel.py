@@ -13,12 +13,12 @@ import jax
 import numpy as np
 import pytest
 
-from avemo_jax import parallel
+from avemo_jax import compile_cache, parallel
 from avemo_jax.data import pipeline, sequences
 from avemo_jax.train import build, loop, stages, steps
 from avemo_jax.train import state as state_lib
 from avemo_jax.train.checkpoint import Checkpoints, load_variables
-from configs import audio, distill, fusion
+from configs import audio, common, distill, fusion
 
 STEPS = 2
 
@@ -202,6 +202,7 @@ def test_the_compilation_cache_is_the_configs_unless_jax_variable_sets_one(tmp_p
                         text=True, timeout=300, check=False)
   assert done.returncode == 0, done.stderr[-3000:]
   assert {p.parent.name for p in tmp_path.glob("*/jit_*-cache")} == {"own" if env else "xla"}
+  assert common.parallel_config().compilation_cache == compile_cache.DEFAULT  # the tools' cache
 
 
 def test_bfloat16_trains_like_float32(tmp_path):

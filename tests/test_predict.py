@@ -114,15 +114,19 @@ def test_benchmark_times_videos_after_the_first_without_reloading(root, tmp_path
 
 
 def test_silent_video_through_the_command_line(root, tmp_path):
-  """No sound track at 24 fps, the face missing from every 10th source frame."""
+  """No sound track at 24 fps, the face missing from every 10th source frame. The tool keeps
+  what it compiles in the main job's cache, ~/.cache/avemo_jax/xla (HOME here: tmp_path)."""
   video, frames = tmp_path / "silent.mp4", 60
   mf.write_video(video, (f for f, _ in mf.moving_face(frames, present=lambda i: i % 10 != 3)), 24)
-  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  env = {k: v for k, v in os.environ.items()
+         if k not in ("XLA_FLAGS", "JAX_COMPILATION_CACHE_DIR")}
+  env["HOME"] = str(tmp_path)
   done = subprocess.run(
       [sys.executable, "tools/predict.py", f"--export={root}", f"--video={video}",
        f"--out={tmp_path / 'out'}"], capture_output=True, text=True, env=env,
       cwd=pathlib.Path(__file__).resolve().parents[1])
   assert done.returncode == 0, done.stderr[-3000:]
+  assert list((tmp_path / ".cache" / "avemo_jax" / "xla").glob("jit_call-*-cache"))
   assert "NOTE: no audio used: the video has no audio track" in done.stdout
   rows = _read_csv(tmp_path / "out" / "predictions.csv")
   _check_rows(rows, frames / 24)

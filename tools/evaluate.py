@@ -13,7 +13,7 @@ import pathlib
 
 from absl import app, flags
 
-from avemo_jax import export_eval, xla_cpu
+from avemo_jax import compile_cache, export_eval, xla_cpu
 
 __doc__ += "\n" + export_eval.__doc__
 
@@ -32,6 +32,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   xla_cpu.prepare()  # as avemo_jax.main
+  compile_cache.use()  # the main job's cache: the next run loads the models compiled
   out = _OUT.value or str(pathlib.Path(_EXPORT.value) / "evaluation")
   result = export_eval.evaluate(_EXPORT.value, out, data=_DATA.value, data_dir=_DATA_DIR.value,
                                 features_from=_FEATURES.value)

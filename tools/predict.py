@@ -20,7 +20,7 @@ from absl import app, flags
 
 import detector_flags  # tools/, next to this file
 
-from avemo_jax import predict, xla_cpu
+from avemo_jax import compile_cache, predict, xla_cpu
 from avemo_jax.data import faces
 
 __doc__ += "\n" + predict.__doc__
@@ -78,6 +78,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   xla_cpu.prepare()  # as avemo_jax.main
+  compile_cache.use()  # the main job's cache: the next run loads the models compiled
   if bool(_VIDEO.value) == bool(_IMAGES.value):
     raise app.UsageError("give either --video=FILE or --image=FILE (repeatable)")
   detector = faces.FaceDetector(**detector_flags.options())
