@@ -6,7 +6,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from avemo_jax import parallel, xla_cpu
-from avemo_jax.train import stages
+from avemo_jax.train import checkpoint, stages
 from avemo_jax.train import workdir as workdir_lib
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (e.g. configs/distill.py).",
@@ -15,15 +15,10 @@ _WORKDIR = flags.DEFINE_string("workdir", "workdir", "Directory for checkpoints,
 flags.mark_flags_as_required(["config"])
 
 
-def _quiet_orbax(record) -> bool:
-  """Orbax logs every file operation at INFO; keep its warnings only."""
-  return "orbax" not in record.pathname or record.levelno >= logging.WARNING
-
-
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  logging.get_absl_logger().addFilter(_quiet_orbax)
+  checkpoint.quiet_orbax_logs()
   xla_cpu.prepare()  # before XLA's threads start: no re-faulted buffers, its fastest convolutions
   parallel.initialize(_CONFIG.value.parallel)  # before anything touches a device
   if not parallel.is_main_process():

@@ -1,11 +1,14 @@
 """The command line: `python -m avemo_jax.main --config=... --workdir=...` with overrides."""
 import gzip
 import json
+import logging
 import os
 import subprocess
 import sys
 
 import pytest
+
+from avemo_jax.train import checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -30,6 +33,7 @@ def test_cli_runs_teacher_with_overrides(tmp_path):
   steps = [json.loads(l)["step"] for l in (tmp_path / "teacher" / "metrics.jsonl").open()]
   assert steps == [2, 4, 4]  # two training lines, then the final evaluation
   assert "[teacher] step 4/4" in result.stderr  # the progress line
+  assert "checkpoint_manager.py" not in result.stderr  # Orbax's INFO lines (test below)
   assert json.loads(result.stdout) == summary  # the summary, printed at the end
   # The same command again: a no-op that prints the summary; another config trains again.
   again = _main("--config=configs/teacher.py:tiny", f"--workdir={tmp_path}",
@@ -37,6 +41,25 @@ def test_cli_runs_teacher_with_overrides(tmp_path):
                 "--config.teacher.profile_first=2", "--config.teacher.profile_steps=2")
   assert again.returncode == 0 and json.loads(again.stdout) == summary
   assert "already finished here" in again.stderr and "[teacher] step" not in again.stderr
+
+
+def test_orbax_logs_only_its_warnings():
+  """Orbax logs a dozen INFO lines for every checkpoint written or read (absl's logger, which
+  the main job and tools/export.py filter); its warnings and everyone else's INFO stay."""
+  from absl import logging as absl_logging
+  import orbax.checkpoint as ocp
+  orbax_file = ocp.checkpoint_manager.__file__
+  record = lambda path, level: logging.LogRecord("absl", level, path, 1, "message", None, None)
+  logger = absl_logging.get_absl_logger()
+  before = list(logger.filters)
+  checkpoint.quiet_orbax_logs()
+  try:
+    assert not logger.filter(record(orbax_file, logging.INFO))
+    assert logger.filter(record(orbax_file, logging.WARNING))
+    assert logger.filter(record(orbax_file, logging.ERROR))
+    assert logger.filter(record(checkpoint.__file__, logging.INFO))
+  finally:
+    logger.filters[:] = before
 
 
 @pytest.mark.parametrize("override,culprit", [("--config.teacher.num_stepz=3", "num_stepz"),

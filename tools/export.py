@@ -10,10 +10,11 @@ import json
 import pathlib
 import sys
 
-from absl import app, flags, logging
+from absl import app, flags
 from ml_collections import config_flags
 
 from avemo_jax import export
+from avemo_jax.train import checkpoint
 
 # The configs import each other as `configs.<name>`: the repository root must be importable, as
 # it is for `python -m avemo_jax.main` run from there.
@@ -32,9 +33,7 @@ _ONNX = flags.DEFINE_enum("onnx", "auto", ["auto", "on", "off"], "ONNX models to
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  # Orbax logs every file operation at INFO; keep its warnings only.
-  logging.get_absl_logger().addFilter(
-      lambda record: "orbax" not in record.pathname or record.levelno >= logging.WARNING)
+  checkpoint.quiet_orbax_logs()
   written = export.export_workdir(_CONFIG.value, _WORKDIR.value, _OUT.value, onnx=_ONNX.value)
   for name, directory in written.items():
     manifest = json.loads((directory / "manifest.json").read_text())

@@ -10,6 +10,7 @@ import grain
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from absl import logging as absl_logging
 
 from avemo_jax.train.state import TrainState
 
@@ -23,6 +24,17 @@ class _EverySeconds(ocp.checkpoint_managers.ContinuousCheckpointingPolicy):
   def should_save(self, step, previous_steps, *, context) -> bool:
     before = types.SimpleNamespace(step=-1, time=self.start, metrics=None)
     return super().should_save(step, list(previous_steps) or [before], context=context)
+
+
+def quiet_orbax_logs() -> None:
+  """Keeps Orbax's warnings and errors in the log but not its INFO lines (a dozen for every
+  checkpoint written or read, most of them whole options objects)."""
+  absl_logging.get_absl_logger().addFilter(_orbax_warnings_only)
+
+
+def _orbax_warnings_only(record: logging.LogRecord) -> bool:
+  # Python's levels: absl's own constants (absl_logging.WARNING == 1) are not `levelno`s.
+  return "/orbax/" not in record.pathname or record.levelno >= logging.WARNING
 
 
 def _state_handler() -> ocp.PyTreeCheckpointHandler:
