@@ -28,11 +28,13 @@ from avemo_jax.train import state as state_lib
 
 def first_step(spec: dict[str, Any]) -> None:
   """In a fresh process (`first_step_seconds`): build the face network, initialise it, compile
-  and run one teacher step as the training loop does, then print the wall-clock time."""
+  and run one teacher step as the training loop does, then print the wall-clock time. On one
+  device, as the model rows (the batch need not split over 8 GPUs or fake CPU devices)."""
   xla_cpu.prepare()  # as avemo_jax.main does
   config = ml_collections.ConfigDict(spec["config"])
   model = build.face_model(config.model, dtype=config.dtype)
-  stage, par = config.teacher, parallel.DataParallel(config.parallel.backend)
+  stage = config.teacher
+  par = parallel.DataParallel(config.parallel.backend, devices=jax.devices()[:1])
   init = lambda: state_lib.create(model, stage, jax.random.key(0),
                                   build.face_inputs(config.data.image_size))
   template = par.template(init)
