@@ -154,8 +154,11 @@ class DataParallel:
     returns once every process has compiled it, so that its first collective finds them all:
     that one sets up the processes' communicator, and on CPU (gloo) waits for a late process
     only 30 s, less than a compilation can take on a busy machine."""
+    return self._compiled(_lowered(step, *args))
+
+  def _compiled(self, lowered: Any) -> Callable:
     with hostmem.gc_paused():
-      compiled = step.lower(*args).compile()
+      compiled = lowered.compile()
     if jax.process_count() > 1:
       self._barriers += 1
       ocp.multihost.sync_global_processes(f"avemo_jax_compiled_{self._barriers}", timeout=3600,
@@ -167,22 +170,32 @@ class DataParallel:
     """(`put(init())`, `ready(step, template, *args)`): the state is made in a thread while the
     step compiles here for `template` (`self.template(init)`). The face network on 2 CPU cores:
     10-11 s to make its state, 20-23 s to compile its step; 33.5 -> 27.5 s to the first step.
-    Errors in `init` are raised here, once the step has compiled."""
+    The thread starts once the step is lowered: tracing and lowering both are Python, and the
+    state's would hold the GIL against the step's (2 AMD Zen 3 cores, warm cache, the
+    benchmark's first step: 18.7, 19.3 -> 14.9, 17.0 s; cold 32.7, 33.2 -> 34.0, 34.6 s, the
+    state's compilation then beside the step's instead of its tracing). Errors in `init` are
+    raised here, once the step has compiled."""
     def make():
       began = time.perf_counter()
       state = jax.block_until_ready(self.put(init()))
       return state, time.perf_counter() - began
 
     began = time.perf_counter()
+    lowered = _lowered(step, template, *args)
     with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="avemo_init") as pool:
       made = pool.submit(make)
-      compiled = self.ready(step, template, *args)
+      compiled = self._compiled(lowered)
       compiled_s = time.perf_counter() - began
       state, made_s = made.result()
     logging.info("state made in %.1fs while the step compiled in %.1fs", made_s, compiled_s)
     # In the template's tree structure: TrainState's optimizer and apply_fn are static fields,
     # another init() call makes other (equal-acting) ones, and the compiled step checks them.
     return jax.tree.unflatten(jax.tree.structure(template), jax.tree.leaves(state)), compiled
+
+
+def _lowered(step: Callable, *args: Any) -> Any:
+  with hostmem.gc_paused():
+    return step.lower(*args)
 
 
 def _replicate(x: Any, sharding: NamedSharding) -> Any:
