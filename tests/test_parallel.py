@@ -99,10 +99,12 @@ def _features(n: int, frames: int = 60) -> dict[str, np.ndarray]:
           "lengths": rng.integers(frames // 2, frames + 1, n).astype(np.int32)}
 
 
-def _fusion_setup():
+def _fusion_setup(**train):
+  """`train` overrides config.fusion.train, which the state's optimizer settings come from."""
   config = fusion.get_config("tiny")
   cfg = config.fusion
   cfg.dropout = 0.0  # pmap draws its own dropout masks per device (see steps.fusion_step)
+  cfg.train.update(train)
   model = build.fusion_model(cfg, ("audio",))
   state = state_lib.create(model, cfg.train, jax.random.key(0), build.fusion_inputs({"audio": 8}))
   table = _features(16)
@@ -137,10 +139,9 @@ def test_checkpoint_resumes_on_another_number_of_devices(tmp_path, written, resu
   par = {1: _one_device(), 8: parallel.DataParallel("jit")}
 
   def run(workdir, devices):
-    config, state, step, args, batches = _fusion_setup()
-    cfg = config.fusion.train
-    cfg.num_steps, cfg.checkpoint_every, cfg.log_every, cfg.eval_every = 6, 3, 3, 0
-    stage = loop.Stage(name="fusion", config=cfg, step=step, step_args=args,
+    config, state, step, args, batches = _fusion_setup(num_steps=6, checkpoint_every=3,
+                                                       log_every=3, eval_every=0)
+    stage = loop.Stage(name="fusion", config=config.fusion.train, step=step, step_args=args,
                        init=lambda: state, batches=batches, evaluate=lambda s: {})
     final, _ = loop.train(stage, workdir, max_checkpoints=2, parallel=par[devices])
     return config, state, jax.device_get(final.params)

@@ -114,6 +114,22 @@ def test_nonfinite_skip_counts_and_finishes(tmp_path):
   assert logged[0]["param_norm"] != logged[-1]["param_norm"]
 
 
+def test_a_resumed_stage_takes_its_configs_optimizer_settings(tmp_path):
+  """The optimizer's settings live in the optimizer state, so a checkpoint holds them too; a
+  resumed stage replaces them with its config's, as a fresh one starts with them: resumed with
+  more steps and another learning rate, the schedule is the new config's."""
+  _train(tmp_path, _config(num_steps=4), poison=False)
+  cfg = _config(num_steps=8, learning_rate=0.02, weight_decay=0.3)
+  state, _ = _train(tmp_path, cfg, poison=False)
+  assert int(state.step) == 8
+  hyper = {k: float(v) for k, v in jax.device_get(state.opt_state.hyperparams).items()}
+  assert hyper == {k: float(v) for k, v in state_lib.hyperparameters(cfg).items()}
+  assert hyper["decay_steps"] == 8 and hyper["learning_rate"] == pytest.approx(0.02)
+  lines = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+  assert [l["learning_rate"] for l in lines if l["step"] == 8 and "loss" in l] == pytest.approx(
+      [float(state_lib.schedule(cfg)(7))])
+
+
 class _Wrapped:
   """A checkpointable iterator around another, whose state it keeps."""
 

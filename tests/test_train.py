@@ -9,6 +9,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from avemo_jax.data import pipeline
@@ -94,6 +95,40 @@ def test_a_state_is_made_by_one_program(caplog):
     assert int(state.step) == 0
     assert jax.tree.structure(state.opt_state) == jax.tree.structure(
         state.tx.init(state.params))
+
+
+def test_optimizer_settings_are_inputs_of_one_compiled_step():
+  """Stages that differ only in their optimizer's settings lower to one program (the settings are
+  arrays of the optimizer state), and each step is optax's AdamW on optax's warm-up + cosine
+  schedule with those settings."""
+  model, x = _TwoLayers(), jnp.ones((4, 11))
+  grad = jax.grad(lambda p: jnp.mean(jnp.square(model.apply({"params": p}, x, train=True))))
+  compiled = jax.jit(lambda state: state.apply_gradients(grads=grad(state.params)))
+  base = teacher.get_config("tiny").teacher
+  variants = [dict(), dict(num_steps=7, learning_rate=3e-2), dict(warmup_steps=0),
+              dict(weight_decay=0.5, grad_clip=1e-3)]
+  texts = set()
+  for overrides in variants:
+    cfg = base.copy_and_resolve_references()
+    cfg.update(overrides)
+    state = state_lib.create(model, cfg, jax.random.key(0), (x,))
+    texts.add(compiled.lower(state).as_text())
+    reference = optax.chain(optax.clip_by_global_norm(cfg.grad_clip), optax.adamw(
+        optax.warmup_cosine_decay_schedule(0.0, cfg.learning_rate, cfg.warmup_steps,
+                                           max(cfg.num_steps, cfg.warmup_steps + 1)),
+        weight_decay=cfg.weight_decay))
+    params, opt_state = state.params, reference.init(state.params)
+    for _ in range(cfg.num_steps + 1):  # warm-up, decay and the step past its end
+      state = compiled(state)
+      updates, opt_state = reference.update(grad(params), opt_state, params)
+      params = optax.apply_updates(params, updates)
+    # float32 rounding, which Adam amplifies in entries whose gradient is near 0 (measured up to
+    # 2.8e-7); a wrong step of the schedule would move entries by ~learning_rate.
+    jax.tree.map(functools.partial(np.testing.assert_allclose, rtol=0, atol=1e-6),
+                 state.params, params)
+  # One program, so one entry of the persistent compilation cache (keyed by the program's text;
+  # each state's optimizer is a new Python object, so `jit` traces each state once).
+  assert len(texts) == 1
 
 
 def test_worker_processes_give_the_same_batches_and_resume():

@@ -171,6 +171,8 @@ def _start_up(stage: Stage, parallel: parallel_lib.DataParallel, checkpoints: Ch
     state, start = None, 0
   else:  # only the state's shapes are made; its data position restarts the reading
     state, start = checkpoints.restore_newest(template, batches)
+    state = state_lib.with_hyperparameters(
+        state, parallel.put(state_lib.hyperparameters(stage.config)))
   step_args = parallel.put(stage.step_args)
   if start >= stage.config.num_steps:  # nothing to train: evaluated as it is
     state = parallel.put(stage.init()) if fresh else state

@@ -1,10 +1,12 @@
 """Train state (params, BatchNorm statistics, optimizer) and its construction."""
+import functools
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import optax
 from flax.training import train_state
 
@@ -22,18 +24,52 @@ class TrainState(train_state.TrainState):
     return {"params": self.params, "batch_stats": self.batch_stats}
 
 
+def hyperparameters(stage: ml_collections.ConfigDict) -> dict[str, np.ndarray]:
+  """The optimizer's settings from a stage's config, as the optimizer state holds them."""
+  values = dict(learning_rate=stage.learning_rate, warmup_steps=stage.warmup_steps,
+                decay_steps=max(stage.num_steps, stage.warmup_steps + 1),
+                weight_decay=stage.weight_decay, grad_clip=stage.grad_clip)
+  return {k: np.asarray(v, np.float32) for k, v in values.items()}
+
+
+def warmup_cosine(count, learning_rate, warmup_steps, decay_steps):
+  """Linear warm-up from 0 to `learning_rate` over `warmup_steps`, then cosine decay to 0 at
+  `decay_steps`: optax.warmup_cosine_decay_schedule's values, written with jnp because optax's
+  schedules check their step counts in Python and so cannot take them as arrays."""
+  count = jnp.asarray(count, jnp.float32)
+  warm = learning_rate * count / jnp.maximum(warmup_steps, 1.0)
+  done = jnp.clip((count - warmup_steps) / (decay_steps - warmup_steps), 0.0, 1.0)
+  cosine = 0.5 * learning_rate * (1.0 + jnp.cos(jnp.pi * done))
+  return jnp.where(count < warmup_steps, warm, cosine)
+
+
 def schedule(stage: ml_collections.ConfigDict) -> optax.Schedule:
-  """Linear warm-up to the peak learning rate, then cosine decay to 0 at the last step."""
-  return optax.warmup_cosine_decay_schedule(
-      init_value=0.0, peak_value=stage.learning_rate, warmup_steps=stage.warmup_steps,
-      decay_steps=max(stage.num_steps, stage.warmup_steps + 1))
+  """The learning rate at each optimizer step."""
+  h = hyperparameters(stage)
+  return functools.partial(warmup_cosine, learning_rate=h["learning_rate"],
+                           warmup_steps=h["warmup_steps"], decay_steps=h["decay_steps"])
+
+
+def _adamw(learning_rate, warmup_steps, decay_steps, weight_decay, grad_clip
+           ) -> optax.GradientTransformation:
+  rate = functools.partial(warmup_cosine, learning_rate=learning_rate,
+                           warmup_steps=warmup_steps, decay_steps=decay_steps)
+  return optax.chain(optax.clip_by_global_norm(grad_clip),
+                     optax.adamw(rate, weight_decay=weight_decay))
 
 
 def make_optimizer(stage: ml_collections.ConfigDict) -> optax.GradientTransformation:
-  """AdamW on the schedule, after global-norm clipping."""
-  return optax.chain(
-      optax.clip_by_global_norm(stage.grad_clip),
-      optax.adamw(schedule(stage), weight_decay=stage.weight_decay))
+  """AdamW on the schedule, after global-norm clipping. Its settings are arrays of the optimizer
+  state (`optax.inject_hyperparams`), inputs of the compiled step rather than constants in it:
+  runs and stages that differ in them alone (`num_steps`, `learning_rate`, ...) share one
+  compiled step, from the persistent compilation cache too."""
+  return optax.inject_hyperparams(_adamw)(**hyperparameters(stage))
+
+
+def with_hyperparameters(state: TrainState, values: dict[str, jax.Array]) -> TrainState:
+  """`state` with the optimizer's settings replaced (a restored state takes its config's, as a
+  fresh one does: the checkpoint's may be of another `num_steps`)."""
+  return state.replace(opt_state=state.opt_state._replace(hyperparams=dict(values)))
 
 
 def create(model: nn.Module, stage: ml_collections.ConfigDict, rng: jax.Array,
@@ -45,13 +81,15 @@ def create(model: nn.Module, stage: ml_collections.ConfigDict, rng: jax.Array,
   making it took 6.5 s instead of 4.7 on 2 AMD Zen 3 cores, the full one 11.7 instead of 10)."""
   tx = make_optimizer(stage)
 
-  def initial_state(rng, inputs, variables):
+  def initial_state(rng, inputs, variables, settings):
     if variables is None:
       variables = model.init(rng, *inputs, train=False)
     else:  # own buffers (a copy is never an input forwarded as the output)
       variables = jax.tree.map(jnp.copy, variables)
     state = TrainState.create(apply_fn=model.apply, params=variables["params"],
                               batch_stats=variables.get("batch_stats", {}), tx=tx)
+    # The optimizer's settings as inputs, not constants: one program for any of them.
+    state = with_hyperparameters(state, settings)
     # A Python-int step is weakly typed; the step's output is not: the jit would compile twice.
     return state.replace(step=jnp.zeros((), jnp.int32))
 
@@ -60,7 +98,8 @@ def create(model: nn.Module, stage: ml_collections.ConfigDict, rng: jax.Array,
   traced = any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves((rng, inputs, variables)))
   options = None if traced else {"xla_backend_optimization_level": 0}
   with hostmem.gc_paused():
-    return jax.jit(initial_state, compiler_options=options)(rng, inputs, variables)
+    return jax.jit(initial_state, compiler_options=options)(rng, inputs, variables,
+                                                            hyperparameters(stage))
 
 
 def start_from(state: TrainState, path: str, kind: str, *, what: str, section: str,
