@@ -277,3 +277,16 @@ def predict_images(export, paths, out=None, *, face_model_name: str = "student",
       pathlib.Path(out).mkdir(parents=True, exist_ok=True)
       (pathlib.Path(out) / f"{paths[i].stem}.json").write_text(json.dumps(result, indent=2) + "\n")
   return results
+
+
+def image_report(results: list[dict[str, Any]], top: int = 3) -> str:
+  """What tools/predict.py prints for `predict_images`'s results: a line per image (name, whether
+  a face was found, its `top` most likely expressions), then the notes."""
+  lines = [f"{'image':30s} {'face':5s} top expressions ({results[0]['model']})"]
+  for r in results:
+    best = sorted(r["probabilities"].items(), key=lambda kv: -kv[1])[:top]
+    lines.append(f"{pathlib.Path(r['image']).name[:30]:30s} "
+                 f"{'yes' if r['face_detected'] else 'NO':5s} "
+                 + "  ".join(f"{name} {p:.3f}" for name, p in best))
+  lines += [f"NOTE: {r['image']}: {r['note']}" for r in results if r["note"]]
+  return "\n".join(lines)

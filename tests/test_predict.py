@@ -167,6 +167,14 @@ def test_images(root, tmp_path):
   assert not other["face_detected"] and "no face detected" in other["note"]
   assert (tmp_path / "out" / "astronaut.json").is_file()
   assert (tmp_path / "out" / "coffee.json").is_file()
+  # What tools/predict.py --image prints: the 3 most likely expressions of each, then the note.
+  lines = predict.image_report(results).splitlines()
+  assert lines[0].split() == ["image", "face", "top", "expressions", "(student)"]
+  best = sorted(face["probabilities"], key=face["probabilities"].get, reverse=True)[:3]
+  assert lines[1].split() == ["astronaut.png", "yes"] + [
+      word for c in best for word in (c, f"{face['probabilities'][c]:.3f}")]
+  assert lines[2].split()[:2] == ["coffee.jpg", "NO"] and len(lines[2].split()) == 8
+  assert lines[3:] == [f"NOTE: {no_face}: {other['note']}"]
   with pytest.raises(ValueError, match=f"{no_face}: no face found"):
     predict.predict_images(root, [no_face], require_face=True)
   teacher = predict.predict_images(root, [face_image], face_model_name="teacher")[0]

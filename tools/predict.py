@@ -62,14 +62,7 @@ def _images(detector: faces.FaceDetector) -> None:
   results = predict.predict_images(_EXPORT.value, _IMAGES.value, _OUT.value,
                                    face_model_name=_FACE_MODEL.value, detector=detector,
                                    require_face=_REQUIRE_FACE.value, batch=_BATCH.value)
-  print(f"{'image':30s} {'face':5s} top expressions ({results[0]['model']})")
-  for r in results:
-    top = sorted(r["probabilities"].items(), key=lambda kv: -kv[1])[:3]
-    print(f"{pathlib.Path(r['image']).name[:30]:30s} {'yes' if r['face_detected'] else 'NO':5s} "
-          + "  ".join(f"{name} {p:.3f}" for name, p in top))
-  for r in results:
-    if r["note"]:
-      print(f"NOTE: {r['image']}: {r['note']}")
+  print(predict.image_report(results))
   if _OUT.value:
     print(f"written to {_OUT.value}/<image stem>.json")
 
