@@ -120,6 +120,19 @@ def test_resampled_input_is_close_to_native_16k():
   assert diff < 0.05, f"mean abs log-mel difference after 44.1 kHz -> 16 kHz: {diff:.3g}"
 
 
+def test_resampling_is_librosas_soxr_hq():
+  """to_mono_16k resamples with soxr itself (librosa.core's numba kernels compile at import:
+  16-27 s in a fresh environment) and gives librosa.resample's output bit for bit, its length
+  ceil(N * 16000 / rate) included."""
+  import librosa  # the reference
+  rng = np.random.default_rng(0)
+  for rate in (8000, 11025.0, 22050, 44100, 48000, 96000):
+    for n in (1, 7, 1000, 44101):
+      x = rng.normal(size=n).astype(np.float32)
+      want = librosa.resample(x, orig_sr=rate, target_sr=af.SAMPLE_RATE, res_type="soxr_hq")
+      np.testing.assert_array_equal(af.to_mono_16k(x, rate), want, err_msg=f"{rate} Hz, {n}")
+
+
 @pytest.mark.parametrize("num_samples", [0, 399, 400, 15599, 15600, 16000, 3 * 16000 + 123])
 def test_shape_contract(num_samples):
   num_frames = 0 if num_samples < 400 else 1 + (num_samples - 400) // 160
