@@ -15,6 +15,7 @@ import pytest
 from avemo_jax.data import pipeline
 from avemo_jax.train import build, stages, steps
 from avemo_jax.train import state as state_lib
+from avemo_jax.train.checkpoint import Checkpoints, load_variables
 from configs import distill, teacher
 
 
@@ -129,6 +130,23 @@ def test_optimizer_settings_are_inputs_of_one_compiled_step():
   # One program, so one entry of the persistent compilation cache (keyed by the program's text;
   # each state's optimizer is a new Python object, so `jit` traces each state once).
   assert len(texts) == 1
+
+
+def test_variables_load_from_a_checkpoint_of_another_optimizer(tmp_path):
+  """A teacher checkpoint (or an export's source) gives its variables whatever optimizer state
+  was saved beside them: here plain Adam's, as written before the settings were injected."""
+  model, x = _TwoLayers(), jnp.ones((2, 11))
+  variables = model.init(jax.random.key(3), x, train=False)
+  other = state_lib.TrainState.create(apply_fn=model.apply, params=variables["params"],
+                                      batch_stats={}, tx=optax.adam(1e-3))
+  checkpoints = Checkpoints(tmp_path / "checkpoints", 1)
+  checkpoints.save(5, other, None)
+  checkpoints.close()
+  template = jax.eval_shape(lambda: state_lib.create(model, teacher.get_config("tiny").teacher,
+                                                     jax.random.key(0), (x,)))
+  loaded = load_variables(str(tmp_path), template, "config.teacher_checkpoint")
+  assert set(loaded) == {"params"}
+  jax.tree.map(np.testing.assert_array_equal, loaded["params"], variables["params"])
 
 
 def test_worker_processes_give_the_same_batches_and_resume():

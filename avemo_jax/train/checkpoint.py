@@ -83,13 +83,16 @@ class Checkpoints:
       items["data"] = ocp.args.JsonSave(iterator.get_state())
     self.manager.save(step, args=ocp.args.Composite(**items), force=True)  # the caller decided
 
-  def restore(self, state: TrainState, iterator: grain.DatasetIterator | None,
-              step: int | None = None) -> TrainState:
-    """Restores into `state`'s structure (and `iterator` in place); latest step by default."""
+  def restore(self, state: Any, iterator: grain.DatasetIterator | None,
+              step: int | None = None, *, partial: bool = False) -> Any:
+    """Restores into `state`'s structure (and `iterator` in place); latest step by default.
+    `partial`: `state` holds some of the saved state's top-level entries (say `params` and
+    `batch_stats`), which alone are read."""
     step = self.latest_step() if step is None else step
-    self._check_fits(state, step)
+    self._check_fits(state, step, partial)
     items = {"state": ocp.args.PyTreeRestore(
-        state, restore_args=ocp.checkpoint_utils.construct_restore_args(state))}
+        state, restore_args=ocp.checkpoint_utils.construct_restore_args(state),
+        partial_restore=partial)}
     if iterator is not None:
       items["data"] = ocp.args.JsonRestore()
     restored = self.manager.restore(step, args=ocp.args.Composite(**items))
@@ -98,13 +101,16 @@ class Checkpoints:
     logging.info("restored step %d from %s", step, self.manager.directory)
     return restored["state"]
 
-  def _check_fits(self, state: TrainState, step: int) -> None:
+  def _check_fits(self, state: Any, step: int, partial: bool = False) -> None:
     """Raises ValueError naming the arrays that differ when `state` does not have the saved
-    state's arrays (names and shapes), before any is read: Orbax left the reads of a restore
-    that failed on a shape pending, to end in errors whenever they were garbage-collected."""
+    state's arrays (names and shapes; with `partial`, those under its top-level entries), before
+    any is read: Orbax left the reads of a restore that failed on a shape pending, to end in
+    errors whenever they were garbage-collected."""
     path = pathlib.Path(self.manager.directory) / str(step) / "state"
     saved = _shapes(self._state.metadata(path))
     ours = _shapes(state)
+    if partial:
+      saved = {k: v for k, v in saved.items() if k.split(".")[0] in state}
     if saved == ours:
       return
     missing, extra = sorted(set(saved) - set(ours)), sorted(set(ours) - set(saved))
@@ -165,9 +171,10 @@ def _shapes(tree) -> dict[str, tuple[int, ...]]:
 def load_variables(path: str, template: TrainState, what: str) -> dict[str, Any]:
   """Model variables of the newest checkpoint in a stage directory (or its checkpoints/ folder).
 
-  `template` is a (possibly abstract, `jax.eval_shape`) state of the same model and optimizer;
-  `what` names the config key in errors. The variables land on this process's first device,
-  whatever the devices and processes the checkpoint was written from.
+  `template` is a (possibly abstract, `jax.eval_shape`) state of the same model; `what` names
+  the config key in errors. Only the variables are read, whatever optimizer state was saved
+  beside them. They land on this process's first device, whatever the devices and processes the
+  checkpoint was written from.
   """
   directory = pathlib.Path(path)
   if (directory / "checkpoints").is_dir():
@@ -180,12 +187,12 @@ def load_variables(path: str, template: TrainState, what: str) -> dict[str, Any]
     raise FileNotFoundError(f"{what}={path!r}: no Orbax checkpoint in {directory}; give a stage "
                             "directory (e.g. WORKDIR/student) or its checkpoints/ folder")
   device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-  template = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
-                          template)
+  variables = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
+                           template.variables)
   try:
-    return checkpoints.restore(template, None).variables
+    return checkpoints.restore(variables, None, partial=True)
   except ValueError as e:  # Orbax: tree structures or array shapes differ
-    raise ValueError(f"{what}={path!r} does not fit this stage's model and optimizer (written "
+    raise ValueError(f"{what}={path!r} does not fit this stage's model (written "
                      "with another architecture, e.g. another config.model width or cut?); give "
                      f"a checkpoint of this architecture or change config.model. Orbax: {e}"
                      ) from e
