@@ -137,6 +137,16 @@ def test_sample_grid(tmp_path):
   import matplotlib.image
   pixels = matplotlib.image.imread(path)
   assert pixels.shape[0] > 400 and pixels[..., :3].std() > 0.1
+  # Drawn once: the same grid again (a restarted run) leaves the file; another one replaces it.
+  drawn = path.stat().st_mtime_ns
+  syn.save_sample_grid(path, seed=0, size=SIZE, per_class=3)
+  assert path.stat().st_mtime_ns == drawn
+  syn.save_sample_grid(path, seed=1, size=SIZE, per_class=3)
+  assert path.stat().st_mtime_ns != drawn and not np.array_equal(
+      matplotlib.image.imread(path), pixels)
+  path.write_bytes(b"not a png")
+  syn.save_sample_grid(path, seed=0, size=SIZE, per_class=3)
+  np.testing.assert_array_equal(matplotlib.image.imread(path), pixels)
 
 
 @pytest.fixture(scope="module")
