@@ -134,7 +134,8 @@ def test_optimizer_settings_are_inputs_of_one_compiled_step():
 
 def test_variables_load_from_a_checkpoint_of_another_optimizer(tmp_path):
   """A teacher checkpoint (or an export's source) gives its variables whatever optimizer state
-  was saved beside them: here plain Adam's, as written before the settings were injected."""
+  was saved beside them: here plain Adam's, as written before the settings were injected.
+  Resumed as a stage's own checkpoint, it is refused with the reason."""
   model, x = _TwoLayers(), jnp.ones((2, 11))
   variables = model.init(jax.random.key(3), x, train=False)
   other = state_lib.TrainState.create(apply_fn=model.apply, params=variables["params"],
@@ -147,6 +148,9 @@ def test_variables_load_from_a_checkpoint_of_another_optimizer(tmp_path):
   loaded = load_variables(str(tmp_path), template, "config.teacher_checkpoint")
   assert set(loaded) == {"params"}
   jax.tree.map(np.testing.assert_array_equal, loaded["params"], variables["params"])
+  with pytest.raises(ValueError, match=r"here, not saved: \['opt_state\.count'.*only the "
+                     r"optimizer state differs.*still serve as a teacher"):
+    Checkpoints(tmp_path / "checkpoints", 1).restore_newest(template, None)  # as a resume
 
 
 def test_worker_processes_give_the_same_batches_and_resume():

@@ -119,8 +119,13 @@ class Checkpoints:
     problems = [f"{what} {items[:3]}" for what, items in (("saved, not here:", missing),
                                                            ("here, not saved:", extra),
                                                            ("other shapes:", shapes)) if items]
+    hint = ""
+    if all(k.startswith("opt_state.") for k in [*missing, *extra, *shapes]):
+      hint = (" (only the optimizer state differs: another optimizer, or avemo_jax before "
+              "2026-12-03, wrote it; its variables still serve as a teacher, student or audio "
+              "checkpoint and for export; the code that wrote it resumes it)")
     raise ValueError(f"checkpoint {path} does not fit this state ({len(saved)} arrays saved, "
-                     f"{len(ours)} here): " + "; ".join(problems))
+                     f"{len(ours)} here): " + "; ".join(problems) + hint)
 
   def restore_newest(self, state: TrainState, iterator: grain.DatasetIterator | None
                      ) -> tuple[TrainState, int]:
