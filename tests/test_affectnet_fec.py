@@ -3,6 +3,7 @@ tfds data sources and Grain, and check crops, labels, skip counts and the report
 import collections
 import json
 import pathlib
+import re
 import subprocess
 import sys
 import tempfile
@@ -129,7 +130,8 @@ def test_affectnet_errors_name_the_file_and_the_fix(affectnet_data, tmp_path):
     affectnet.find_inputs(manual)
   for name in ("training.csv", "validation.csv"):
     (manual / name).write_text((lists / name).read_text())
-  with pytest.raises(FileNotFoundError, match="none of the first .* --image_root"):
+  with pytest.raises(FileNotFoundError, match="none of the .* first rows of .*training.csv "
+                                               "exists .*--image_root"):
     affectnet.find_inputs(manual)
   with pytest.raises(FileNotFoundError, match="no image folder.*--image_root"):
     affectnet.find_inputs(manual, image_root=tmp_path / "nowhere")
@@ -142,20 +144,68 @@ def test_affectnet_errors_name_the_file_and_the_fix(affectnet_data, tmp_path):
     affectnet.find_inputs(manual)
 
 
-def test_affectnet_empty_split_says_why(affectnet_data, tmp_path):
+def _affectnet_copy(root: pathlib.Path, manual: pathlib.Path, validation) -> None:
+  """The fixture's training.csv and images (their folders linked) in `manual`, with
+  validation.csv's rows mapped by `validation(fields) -> fields or None`."""
+  lists = root / "manual" / "Manually_Annotated_file_lists"
+  (manual / "Manually_Annotated_Images").mkdir(parents=True)
+  for folder in (root / "manual" / "Manually_Annotated" / "Manually_Annotated_Images").iterdir():
+    (manual / "Manually_Annotated_Images" / folder.name).symlink_to(folder)
+  (manual / "training.csv").write_text((lists / "training.csv").read_text())
+  header, *lines = (lists / "validation.csv").read_text().splitlines()
+  rows = [validation(line.split(",")) for line in lines]
+  (manual / "validation.csv").write_text(
+      "\n".join([header] + [",".join(r) for r in rows if r is not None]) + "\n")
+
+
+def test_affectnet_splits_that_would_be_empty(affectnet_data, tmp_path):
+  """Refused before anything is written when the first rows' images are missing or no row is
+  usable; an empty split after all says why; a list without Contempt gets no contempt split."""
   root, truth, _ = affectnet_data
-  manual = tmp_path / "manual"
-  images = root / "manual" / "Manually_Annotated" / "Manually_Annotated_Images"
-  manual.mkdir()
-  (manual / "Manually_Annotated_Images").symlink_to(images)
-  (manual / "training.csv").write_text((root / "manual" / "Manually_Annotated_file_lists" /
-                                        "training.csv").read_text())
-  header, *lines = (root / "manual" / "Manually_Annotated_file_lists" /
-                    "validation.csv").read_text().splitlines()
-  lines = [",".join(["0/gone.jpg"] + line.split(",")[1:]) for line in lines]
-  (manual / "validation.csv").write_text("\n".join([header] + lines) + "\n")
-  with pytest.raises(ValueError, match="no examples for split validation_7class.*missing image"):
-    affectnet.prepare(manual, tmp_path / "data", image_size=16, margin=0.0)
+  _affectnet_copy(root, tmp_path / "gone", lambda f: ["0/gone.jpg", *f[1:]])
+  with pytest.raises(FileNotFoundError, match="first rows of .*validation.csv exists"):
+    affectnet.prepare(tmp_path / "gone", tmp_path / "data", image_size=16, margin=0.0)
+  _affectnet_copy(root, tmp_path / "none", lambda f: [*f[:6], "9", *f[7:]])
+  with pytest.raises(ValueError, match=r"validation.csv: no usable row .*'expression 9"):
+    affectnet.prepare(tmp_path / "none", tmp_path / "data", image_size=16, margin=0.0)
+  _affectnet_copy(root, tmp_path / "empty", lambda f: ["new/empty.jpg", *f[1:]])
+  (tmp_path / "empty" / "Manually_Annotated_Images" / "new").mkdir()
+  (tmp_path / "empty" / "Manually_Annotated_Images" / "new" / "empty.jpg").write_bytes(b"")
+  with pytest.raises(ValueError, match="no examples for split validation_7class.*unreadable"):
+    affectnet.prepare(tmp_path / "empty", tmp_path / "data", image_size=16, margin=0.0)
+  _affectnet_copy(root, tmp_path / "seven", lambda f: None if f[6] == "7" else f)
+  report, _ = affectnet.prepare(tmp_path / "seven", tmp_path / "data", image_size=16, margin=0.0)
+  assert report["validation"]["notes"]["no Contempt rows: no contempt split"] == 1
+  assert set(report["validation"]["written"]) == {"validation_7class"}
+  written = [r for r in truth["validation.csv"] if r.expect == "written" and r.label != 7]
+  for classes in (7, 8):
+    test = affectnet.source(tmp_path / "data", "test", num_classes=classes, image_size=16,
+                            margin=0.0)
+    assert len(test) == len(written)
+  assert any(r.label == 7 for r in truth["training.csv"] if r.expect == "written")
+  train = affectnet.source(tmp_path / "data", "train", image_size=16, margin=0.0)
+  assert max(int(train[i]["label"]) for i in range(len(train))) == 7
+
+
+def test_affectnet_csv_forms_and_broken_csvs(tmp_path):
+  """A byte-order mark, no header and a first row outside the 8 classes are read; an unclosed
+  quote or bytes that are not UTF-8 are refused naming the line, when the CSV is scanned (before
+  any split is written); an infinite box is a bad box."""
+  row = lambda file, code, w="50": f"{file},10,10,{w},50,{';'.join(['20.0'] * 136)},{code},0,0"
+  good = [row(f"1/{i}.jpg", i % 7) for i in range(300)]
+  path = tmp_path / "validation.csv"
+  path.write_text("\ufeff" + ",".join(affectnet.HEADER) + "\n" + "\n".join(good) + "\n")
+  assert [line for line, _ in affectnet._rows(path)] == list(range(2, 302))
+  path.write_text("\n".join([row("1/a.jpg", 10), *good]) + "\n")
+  assert affectnet._scan(path)[1] == {"expression 10 (No-Face)": 1, "7class": 300}
+  path.write_text("\n".join([good[0], '"' + good[1], *good[2:]]) + "\n")
+  with pytest.raises(ValueError, match=r"validation.csv line 2: .*quote that never closes"):
+    affectnet._scan(path)
+  path.write_bytes(("\n".join(good[:150]) + "\n").encode() + b"1/caf\xe9.jpg" +
+                   ("\n".join(good[150:]) + "\n").encode()[5:])
+  with pytest.raises(ValueError, match=r"validation.csv, line \d+ or soon after: not UTF-8"):
+    affectnet._scan(path)
+  assert affectnet._parse(row("1/a.jpg", 1, w="inf").split(",")).reason == "bad box"
 
 
 def test_fec_report_counts_skips_and_missing_images(fec_data):
@@ -213,10 +263,16 @@ def test_fec_image_folder_convention_errors(fec_data, tmp_path):
     fec.find_inputs(manual)
   (manual / "images").mkdir()
   (manual / "images" / "renamed.jpg").write_bytes(b"")
-  with pytest.raises(FileNotFoundError, match="none of the .* basename of their URL"):
+  with pytest.raises(FileNotFoundError, match="none of the .* basename of its URL"):
     fec.find_inputs(manual)
   urls = fec.list_urls(manual)
   assert len(urls) == len(set(urls)) == 10 and all(u.startswith("http://farm") for u in urls)
+  for name in (fec.image_name(u) for u in urls):
+    (manual / "images" / name).write_bytes(b"")
+  test_csv = manual / "faceexp-comparison-data-test-public.csv"
+  test_csv.write_text(re.sub(r"/([^/,]+\.jpg)", r"/gone_\1", test_csv.read_text()))
+  with pytest.raises(FileNotFoundError, match="first rows of .*test-public.csv exists"):
+    fec.find_inputs(manual)
 
 
 def _tool(*args: str) -> str:

@@ -2,6 +2,7 @@
 back through tfds data sources and Grain, and check crops, labels, audio alignment and reports."""
 import json
 import math
+import os
 import pathlib
 import pickle
 import shutil
@@ -23,6 +24,7 @@ from avemo_jax.train import features
 SIZE, MARGIN = 48, 0.1
 FAST = dict(min_face=0.3, rolls=())  # the fixtures' faces fill 40% of the frame height
 ROOT = pathlib.Path(__file__).resolve().parent.parent
+LATIN1 = (os.fsdecode(b"c/caf\xe9.bmp"), "c/caf\\xe9.bmp")  # an old zip's file name; as stored
 NAMES = {"train": ["train_1", "train_2"], "dev": ["dev_1"]}
 
 
@@ -260,7 +262,8 @@ def test_prepare_recola_tool(tmp_path):
 
 @pytest.fixture(scope="module")
 def unlabelled_data(tmp_path_factory):
-  """Images with known faces in nested folders, a photo without a face, two broken files."""
+  """Images with known faces in nested folders, one under a name that is not UTF-8, a photo
+  without a face, a 2x3000 banner, two broken files."""
   root = tmp_path_factory.mktemp("unlabelled")
   folder = root / "faces"
   (folder / "a" / "b").mkdir(parents=True)
@@ -279,6 +282,9 @@ def unlabelled_data(tmp_path_factory):
   truth["c/two.webp"] = big_box + np.array([20, 60, 0, 0])  # the largest face is cropped
   Image.fromarray(mf.face_patch(120)[0]).save(folder / "c" / "close.bmp")
   truth["c/close.bmp"] = mf.face_patch(120)[1]
+  shutil.copy(folder / "c" / "close.bmp", folder / LATIN1[0])
+  truth[LATIN1[1]] = mf.face_patch(120)[1]
+  Image.fromarray(mf.background(3000, 2)).save(folder / "banner.png")  # no face fits
   Image.fromarray(mf.background(200, 150)).save(folder / "coffee.jpeg")
   (folder / "broken.jpg").write_bytes((folder / "astronaut.jpg").read_bytes()[:3000])
   (folder / "a" / "notes.png").write_text("not an image")
@@ -292,24 +298,25 @@ def unlabelled_data(tmp_path_factory):
 def test_unlabelled_faces(unlabelled_data):
   root, truth, report = unlabelled_data
   r = report["train"]
-  assert (r["images"], r["written"]) == (7, 4)
-  assert r["skipped"] == {"unreadable image": 2, "no face found": 1}
+  assert (r["images"], r["written"]) == (9, 5)
+  assert r["skipped"] == {"unreadable image": 2, "no face found": 2}
   assert any("broken.jpg" in e for e in r["examples"]["unreadable image"])
   assert any("notes.png" in e for e in r["examples"]["unreadable image"])
-  assert "coffee.jpeg" in r["examples"]["no face found"][0]
-  assert "written 4, skipped 3" in unlabelled.format_report(report)
+  assert {"banner.png", "coffee.jpeg"} == {pathlib.Path(e.split(":")[0]).name
+                                           for e in r["examples"]["no face found"]}
+  assert "written 5, skipped 4" in unlabelled.format_report(report)
   faces_ds = grain.MapDataset.source(unlabelled.source(root / "data", image_size=SIZE, margin=0.2))
   records = tfds_common.data_source(unlabelled.UnlabelledFaces, tfds_common.crop_config(SIZE, 0.2),
                                     "train", root / "data", "")
-  assert len(faces_ds) == len(records) == 4
+  assert len(faces_ds) == len(records) == 5
   seen = {}
-  for i in range(4):
+  for i in range(5):
     image, record = faces_ds[i]["image"], records[i]
     file = record["file"].decode()
     seen[file] = int(record["num_faces"])
     assert image.shape == (SIZE, SIZE, 3) and image.dtype == np.uint8
     assert iou(record["box"], truth[file]) > 0.5, file
-    photo = faces.load_image(root / "faces" / file)
+    photo = faces.load_image(root / "faces" / (LATIN1[0] if file == LATIN1[1] else file))
     assert _mad(image, faces.crop(photo, record["box"], margin=0.2, size=SIZE)) < 6  # JPEG
   assert set(seen) == set(truth) and seen["c/two.webp"] == 2
 
@@ -318,7 +325,7 @@ def test_prepare_unlabelled_tool(unlabelled_data, tmp_path):
   root, _, _ = unlabelled_data
   out = _tool("tools/prepare_unlabelled.py", f"--manual_dir={root / 'faces'}",
               f"--data_dir={tmp_path}", "--image_size=24", "--num_workers=2", "--rolls=")
-  assert "\nPrepared:\n" in out and "7 image files): written 4, skipped 3" in out
+  assert "\nPrepared:\n" in out and "9 image files): written 5, skipped 4" in out
   assert "no face found" in out and "coffee.jpeg" in out
   with pytest.raises(FileNotFoundError, match="no image files"):
     unlabelled.prepare(tmp_path, tmp_path / "data2")

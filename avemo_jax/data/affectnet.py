@@ -16,18 +16,21 @@ a square around its box enlarged by `margin` per side, edge-padded outside the i
 Stored splits (DATA_DIR/affectnet/<size>px_margin<m>/1.0.0, ArrayRecord): train_7class and
 validation_7class hold codes 0-6, train_contempt and validation_contempt code 7 (Contempt), so
 that 8 classes read "train_7class+train_contempt" and 7 classes "train_7class" without storing
-anything twice. Validation is the test set. Valence/arousal -2 ("invalid") or outside [-1, 1]
+anything twice (a CSV without Contempt rows, like the 7-class validation list, gets no contempt
+split, and its 8-class read is its 7-class split). Validation is the test set. Valence/arousal -2 ("invalid") or outside [-1, 1]
 are kept as 0 with va_valid=False. Skipped and counted (with quoted lines) in the report: codes
 8 None / 9 Uncertain / 10 No-Face, other codes, malformed lines, missing or unreadable images,
 boxes outside the image.
 """
-import csv
+import collections
+import math
 import os
 import pathlib
 from typing import NamedTuple
 
 import numpy as np
 import tensorflow_datasets as tfds
+from absl import logging
 from etils import epath
 
 from avemo_jax.data import tfds_common
@@ -66,24 +69,23 @@ def _parse(fields: list[str]) -> Row | tfds_common.Skip:
     return bad("expression code out of range (0-10)", f"expression={code}")
   if code > CONTEMPT:
     return bad(f"expression {code} ({EXPRESSIONS[code]})", "not one of the 8 classes")
-  if not (w > 0 and h > 0 and fields[0]):
+  if not (all(map(math.isfinite, (x, y, w, h))) and w > 0 and h > 0 and fields[0]):
     return bad("bad box", f"face box {x},{y},{w},{h}, file {fields[0]!r}")
   return Row(fields[0], (x, y, x + w, y + h), code, valence, arousal)
 
 
 def _rows(path: pathlib.Path):
   """(line number, fields) of the data rows; a header line is checked and dropped."""
-  with open(path, newline="", encoding="utf-8") as f:
-    reader = csv.reader(f)
-    for fields in reader:
-      if reader.line_num == 1 and tuple(fields) == HEADER:
-        continue
-      if reader.line_num == 1 and isinstance(_parse(fields), tfds_common.Skip):
-        raise ValueError(
-            f"{path} line 1: not an AffectNet manual-annotation CSV (expected the header "
-            f"{','.join(HEADER)} or a data row, got {fields[:3]}...): point --manual_dir at the "
-            "folder that holds training.csv and validation.csv")
-      yield reader.line_num, fields
+  for line, fields in tfds_common.csv_rows(path):
+    if line == 1 and tuple(fields) == HEADER:
+      continue
+    first = _parse(fields) if line == 1 else None
+    if isinstance(first, tfds_common.Skip) and first.reason == "malformed line":
+      raise ValueError(
+          f"{path} line 1: not an AffectNet manual-annotation CSV (expected the header "
+          f"{','.join(HEADER)} or a data row, got {fields[:3]}...): point --manual_dir at the "
+          "folder that holds training.csv and validation.csv")
+    yield line, fields
 
 
 def find_inputs(manual_dir, image_root=None) -> tuple[dict[str, pathlib.Path], pathlib.Path]:
@@ -97,13 +99,26 @@ def find_inputs(manual_dir, image_root=None) -> tuple[dict[str, pathlib.Path], p
     raise FileNotFoundError(f"no image folder: looked for {', '.join(map(str, roots))}; extract "
                             "Manually_Annotated_Images there or pass --image_root")
   root = found[0]
-  probe = [root / r.file for _, (_, f) in zip(range(_PROBE_ROWS), _rows(csvs["train"]))
-           if isinstance(r := _parse(f), Row)]
-  if probe and not any(p.is_file() for p in probe):
-    raise FileNotFoundError(f"none of the first {len(probe)} images of {csvs['train']} exists "
-                            f"under {root} (e.g. {probe[0]}): pass --image_root=<the folder "
-                            "that holds the numbered subfolders>")
+  for path in csvs.values():
+    tfds_common.check_images_exist(
+        path, [root / r.file for _, (_, f) in zip(range(_PROBE_ROWS), _rows(path))
+               if isinstance(r := _parse(f), Row)],
+        "pass --image_root=<the folder that holds the numbered subfolders>")
   return csvs, root
+
+
+def _scan(path: pathlib.Path) -> tuple[int, collections.Counter]:
+  """(lines, usable rows per part and skip reasons) of a CSV, read through before any split is
+  written: a CSV with no usable row is refused here, not after hours of another split."""
+  lines, counts = 0, collections.Counter()
+  for lines, fields in _rows(path):
+    row = _parse(fields)
+    counts[row.reason if isinstance(row, tfds_common.Skip) else
+           "contempt" if row.code == CONTEMPT else "7class"] += 1
+  if not counts["7class"]:
+    raise ValueError(f"{path}: no usable row of expressions 0-6 in its {lines} lines "
+                     f"({dict(counts)}): is it AffectNet's manual-annotation CSV?")
+  return lines, counts
 
 
 class Affectnet(tfds.core.GeneratorBasedBuilder):
@@ -134,10 +149,17 @@ class Affectnet(tfds.core.GeneratorBasedBuilder):
 
   def _split_generators(self, dl_manager):
     csvs, root = find_inputs(dl_manager.manual_dir, self._image_root)
-    self.report = {s: tfds_common.SplitReport(p.name, tfds_common.count_lines(p))
-                   for s, p in csvs.items()}
-    return {f"{s}_{part}": self._generate_examples(csvs[s], root, s, part == "contempt")
-            for s in csvs for part in ("7class", "contempt")}
+    splits = {}
+    for s, path in csvs.items():
+      lines, counts = _scan(path)
+      self.report[s] = tfds_common.SplitReport(path.name, lines)
+      splits[f"{s}_7class"] = self._generate_examples(path, root, s, contempt=False)
+      if counts["contempt"]:
+        splits[f"{s}_contempt"] = self._generate_examples(path, root, s, contempt=True)
+      else:  # e.g. the 7-class validation list: tfds writes no empty split
+        self.report[s].notes["no Contempt rows: no contempt split"] += 1
+        logging.warning("%s has no Contempt rows: no %s_contempt split", path, s)
+    return splits
 
   def _generate_examples(self, csv_path, root, split: str, contempt: bool):
     report, part = self.report[split], "contempt" if contempt else "7class"
@@ -192,7 +214,7 @@ def source(data_dir, split: str, *, num_classes: int = 8, image_size: int = 140,
   name = {"train": "train", "test": "validation", "validation": "validation"}.get(split)
   if name is None or num_classes not in (7, 8):
     raise ValueError(f"split={split!r} (train or test), num_classes={num_classes} (7 or 8)")
-  splits = f"{name}_7class" + ("" if num_classes == 7 else f"+{name}_contempt")
   config = tfds_common.crop_config(image_size, margin)
-  return Faces(tfds_common.data_source(Affectnet, config, splits, data_dir,
-                                       "prepare_affectnet.py"))
+  return Faces(tfds_common.data_source(
+      Affectnet, config, f"{name}_7class", data_dir, "prepare_affectnet.py",
+      optional=() if num_classes == 7 else (f"{name}_contempt",)))

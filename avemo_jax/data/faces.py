@@ -14,6 +14,8 @@ from PIL import Image, ImageOps
 
 __all__ = ["FaceDetector", "crop", "TrackedFace", "track", "load_image"]
 
+_WINDOW = 24  # pixels: the bundled cascades' window, the smallest face they find
+
 
 class FaceDetector:
   """Frontal face detector. Not thread-safe: make one per thread (loading takes ~30 ms).
@@ -61,10 +63,12 @@ class FaceDetector:
       raise ValueError(f"expected an RGB uint8 HxWx3 image, got {image.dtype} {image.shape}")
     s = self._settings
     scale = min(1.0, s["max_side"] / max(image.shape[:2]))
+    if min(image.shape[:2]) * scale < _WINDOW:  # a banner, or a thumbnail: no face fits
+      return np.zeros((0, 5), np.float32)
     if scale < 1.0:
       image = cv2.resize(image, None, fx=scale, fy=scale, interpolation=cv2.INTER_AREA)
     gray = cv2.equalizeHist(cv2.cvtColor(image, cv2.COLOR_RGB2GRAY))
-    side = max(24, round(s["min_face"] * min(gray.shape)))
+    side = max(_WINDOW, round(s["min_face"] * min(gray.shape)))
     faces = self._detect_turned(gray, 0.0, side)
     if not len(faces):
       faces = np.concatenate([faces, *(self._detect_turned(gray, a, side) for a in s["rolls"])])

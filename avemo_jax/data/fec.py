@@ -22,7 +22,6 @@ the number of distinct image files referenced (by rows that parse) and missing. 
 dead Flickr link may serve instead) counts as an unreadable image. Malformed lines, boxes outside
 [0, 1] and unreadable images are skipped and counted too, with a few lines quoted.
 """
-import csv
 import os
 import pathlib
 import posixpath
@@ -84,13 +83,6 @@ def _parse(fields: list[str]) -> Triplet | tfds_common.Skip:
                  int(counts.argmax()))
 
 
-def _rows(path: pathlib.Path):
-  with open(path, newline="", encoding="utf-8") as f:
-    reader = csv.reader(f)
-    for fields in reader:
-      yield reader.line_num, fields
-
-
 def find_csvs(manual_dir) -> dict[str, pathlib.Path]:
   """The two CSVs under `manual_dir`, or an error saying where they belong."""
   return tfds_common.find_csvs(manual_dir, CSVS, _CSV_DIRS, "unzip the FEC release there")
@@ -103,14 +95,26 @@ def find_inputs(manual_dir, image_dir=None) -> tuple[dict[str, pathlib.Path], pa
   if not images.is_dir():
     raise FileNotFoundError(f"no image folder {images}: download the images there, each under "
                             "the basename of its URL (see tools/prepare_fec.py --help)")
-  probe = [images / image_name(u) for s in csvs.values()
-           for _, (_, f) in zip(range(_PROBE_ROWS), _rows(s))
-           if isinstance(t := _parse(f), Triplet) for u in t.urls]
-  if probe and not any(p.is_file() for p in probe):
-    raise FileNotFoundError(f"none of the {len(probe)} images of the first {_PROBE_ROWS} rows "
-                            f"exists in {images} (e.g. {probe[0].name}): files must be named by "
-                            "the basename of their URL, or pass --image_dir")
+  for path in csvs.values():
+    tfds_common.check_images_exist(
+        path, [images / image_name(u)
+               for _, (_, f) in zip(range(_PROBE_ROWS), tfds_common.csv_rows(path))
+               if isinstance(t := _parse(f), Triplet) for u in t.urls],
+        f"download them into {images}, each named by the basename of its URL, or pass "
+        "--image_dir")
   return csvs, images
+
+
+def _scan(path: pathlib.Path) -> int:
+  """The lines of a CSV, read through before any split is written: a CSV with no usable row
+  is refused here, not after hours of another split."""
+  lines = usable = 0
+  for lines, fields in tfds_common.csv_rows(path):
+    usable += isinstance(_parse(fields), Triplet)
+  if not usable:
+    raise ValueError(f"{path}: no usable triplet in its {lines} lines: is it the FEC release's "
+                     f"CSV ({NUM_COLUMNS} columns)?")
+  return lines
 
 
 class Fec(tfds.core.GeneratorBasedBuilder):
@@ -140,14 +144,14 @@ class Fec(tfds.core.GeneratorBasedBuilder):
 
   def _split_generators(self, dl_manager):
     csvs, images = find_inputs(dl_manager.manual_dir, self._image_dir)
-    return {s: self._generate_examples(p, images, s) for s, p in csvs.items()}
+    reports = {s: tfds_common.SplitReport(p.name, _scan(p)) for s, p in csvs.items()}
+    return {s: self._generate_examples(p, images, s, reports[s]) for s, p in csvs.items()}
 
-  def _generate_examples(self, csv_path, images, split: str):
-    report = tfds_common.SplitReport(csv_path.name, tfds_common.count_lines(csv_path))
+  def _generate_examples(self, csv_path, images, split: str, report: tfds_common.SplitReport):
     referenced, missing = set(), set()
 
     def rows():
-      for line, fields in _rows(csv_path):
+      for line, fields in tfds_common.csv_rows(csv_path):
         t = _parse(fields)
         if isinstance(t, tfds_common.Skip):
           report.skip(t.reason, line, t.detail)
@@ -183,7 +187,7 @@ def list_urls(manual_dir) -> list[str]:
   """Every distinct image URL of both CSVs, in order of first use (to download them)."""
   urls = {}
   for path in find_csvs(manual_dir).values():
-    for _, fields in _rows(path):
+    for _, fields in tfds_common.csv_rows(path):
       if len(fields) == NUM_COLUMNS:
         urls.update((fields[i].strip(), None) for i in (0, 5, 10))
   return list(urls)

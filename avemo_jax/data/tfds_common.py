@@ -11,6 +11,7 @@ absolute error at quality 95.
 """
 import collections
 import concurrent.futures
+import csv
 import dataclasses
 import functools
 import io
@@ -272,21 +273,44 @@ class Progress:
                  sum(report.skipped.values()), rate, eta / 60)
 
 
-def count_lines(path) -> int:
-  with open(path, "rb") as f:
-    return sum(1 for _ in f)
+def csv_rows(path) -> Iterator[tuple[int, list[str]]]:
+  """(line number, fields) of the rows of a UTF-8 CSV (a byte-order mark is dropped). A line the
+  csv module cannot split or decode is an error naming it."""
+  with open(path, newline="", encoding="utf-8-sig") as f:
+    reader, last = csv.reader(f), 0
+    try:
+      for fields in reader:
+        yield reader.line_num, fields
+        last = reader.line_num
+    except csv.Error as e:  # e.g. a quote that never closes: the rest of the file is one field
+      raise ValueError(f"{path} line {last + 1}: {e}; a quote that never closes? Fix or delete "
+                       "that line") from e
+    except UnicodeDecodeError as e:  # decoded ahead of the rows, a block at a time
+      raise ValueError(f"{path}, line {last + 1} or soon after: not UTF-8 text ({e}); save the "
+                       "file as UTF-8") from e
 
 
-def data_source(builder_cls: type, config: CropConfig, split: str, data_dir, tool: str):
+def check_images_exist(csv_path, paths: list[pathlib.Path], hint: str) -> None:
+  """Before a long run: some image of the first rows of `csv_path` (`paths`) must exist."""
+  if paths and not any(p.is_file() for p in paths):
+    raise FileNotFoundError(f"none of the {len(paths)} images of the first rows of {csv_path} "
+                            f"exists (e.g. {paths[0]}): {hint}")
+
+
+def data_source(builder_cls: type, config: CropConfig, split: str, data_dir, tool: str,
+                optional: tuple[str, ...] = ()):
   """The random-access tfds data source (ArrayRecord) of a prepared variant, read without the
-  builder's code; a missing variant names the command that makes it."""
+  builder's code, with the `optional` splits that were prepared added to `split`; a missing
+  variant names the command that makes it."""
   path = epath.Path(data_dir) / builder_cls.name / config.name / str(builder_cls.VERSION)
   if not (path / "dataset_info.json").exists():
     raise FileNotFoundError(
         f"{builder_cls.name}/{config.name} is not prepared under data_dir={data_dir} (no {path}):"
         f" run python tools/{tool} --manual_dir=... --data_dir={data_dir} "
         f"--image_size={config.size} --margin={config.margin:g}")
-  return tfds.builder_from_directory(path).as_data_source(split=split)
+  builder = tfds.builder_from_directory(path)
+  split = "+".join([split, *(s for s in optional if s in builder.info.splits)])
+  return builder.as_data_source(split=split)
 
 
 def check_written(report: SplitReport, split: str) -> None:

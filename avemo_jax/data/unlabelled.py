@@ -41,6 +41,11 @@ def find_images(folder) -> list[str]:
   return found
 
 
+def _printable(text: str) -> str:
+  """`text` with the bytes of a file name that is not UTF-8 (an old zip's) as \\x escapes."""
+  return os.fsencode(text).decode("utf-8", "backslashreplace")
+
+
 class Face(NamedTuple):
   jpeg: bytes
   box: np.ndarray  # x, y, w, h float32 in image pixels
@@ -58,7 +63,10 @@ def crop_largest_face(path: str, *, detector: faces.FaceDetector, size: int, mar
   if not len(found):
     return tfds_common.Skip("no face found", f"{path}: the detector found no face", path)
   box = found[np.argmax(found[:, 2] * found[:, 3]), :4]
-  crop = faces.crop(image, box, margin=margin, size=size)
+  try:
+    crop = faces.crop(image, box, margin=margin, size=size)
+  except ValueError as e:  # a box of a tilted pass turned back outside the image
+    return tfds_common.Skip("bad box", str(e), path)
   return Face(tfds_common.encode_jpeg(crop, jpeg_quality), box, len(found))
 
 
@@ -105,10 +113,11 @@ class UnlabelledFaces(tfds.core.GeneratorBasedBuilder):
       if isinstance(result, tfds_common.Skip):
         skipped[result.reason] = skipped.get(result.reason, 0) + 1
         if len(examples.setdefault(result.reason, [])) < tfds_common.MAX_EXAMPLES:
-          examples[result.reason].append(result.detail)
+          examples[result.reason].append(_printable(result.detail))
       else:
         written += 1
-        yield i, {"image": result.jpeg, "file": file, "box": result.box,
+        yield i, {"image": result.jpeg, "box": result.box,
+                  "file": _printable(file),
                   "num_faces": result.num_faces}
       if time.monotonic() - last >= 10.0 or i + 1 == len(files):
         last, rate = time.monotonic(), (i + 1) / max(time.monotonic() - start, 1e-9)
