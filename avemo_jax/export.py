@@ -247,6 +247,7 @@ def _write(final: pathlib.Path, name: str, fn: Fn, variables, inputs, outputs, i
                   mode=onnx)}
   (out / exported.MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
   old = final.with_name(f".{final.name}.old")
+  shutil.rmtree(old, ignore_errors=True)  # left by an export killed at the next line but one
   if final.exists():
     final.rename(old)
   out.rename(final)

@@ -121,7 +121,7 @@ def _dev_features(model: Model, config, features_from: str | None) -> dict[str, 
       key = json.loads(str(f["key"]))
       _check_extractors(model, {"visual": key["student"], "audio": key["audio"]}, str(path))
       return {k: f[k] for k in f.files if k != "key"}
-  root = model.directory.parent.parent
+  root = model.directory.resolve().parent.parent  # EXPORT of EXPORT/fusion/<name> (also ".")
   student, audio = load(root / "student", "face"), load(root / "audio", "audio")
   _check_extractors(model, {"visual": student.manifest["source"]["fingerprint"],
                             "audio": audio.manifest["source"]["fingerprint"]}, str(root))

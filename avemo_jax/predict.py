@@ -7,8 +7,9 @@ features (`train/features.py`) on RECOLA as tools/prepare_recola.py prepares it:
      export's manifest; the first detected box before the first detection, the last one over
      frames without a detection);
   3. visual: EXPORT/student's `feature` of each crop; audio: the video's own sound track at 16 kHz
-     mono (`media.load_audio`), EXPORT/audio's `embedding` of the 0.96 s log-mel window centred on
-     each frame (`audio_features.examples_at(log_mel, (t + 0.5) / 25)`);
+     mono (`media.load_audio`), lined up with the pictures by the streams' start times (a late
+     start is preceded by silence, an early one cut), EXPORT/audio's `embedding` of the 0.96 s
+     log-mel window centred on each frame (`audio_features.examples_at(log_mel, (t + 0.5) / 25)`);
   4. EXPORT/fusion/fused over the whole sequence; a video without a readable sound track goes
      through EXPORT/fusion/visual instead, and the result says so.
 The extractors must be the ones the fusion model was trained on (checked by fingerprint).
@@ -16,8 +17,10 @@ The extractors must be the ones the fusion model was trained on (checked by fing
 Images -> the face export's expression probabilities (softmax of its logits), its 128-d feature
 and its expression embedding, for the best detected face. An image without a detected face is
 taken as an already-cropped face (its centred square), with a note; `require_face` refuses it.
+An unreadable image gets an error entry, and the others go on.
 
-Network calls go in fixed-size batches (the last padded), so each model compiles once.
+Network calls go in fixed-size batches (the last padded), and the fusion model's sequence is
+padded to whole 10 s (masked): each model compiles once a batch size and 10 s of video length.
 """
 import dataclasses
 import itertools
@@ -35,6 +38,7 @@ from avemo_jax.train import features
 
 FPS = 25  # label frames per second, as RECOLA's
 BATCH = 32  # frames or images per network call
+SEQUENCE_BUCKET = 250  # fusion inputs are padded to a multiple of this many frames (10 s)
 _TRAINED_BY = {"face": "configs/distill.py or configs/fusion.py", "audio": "configs/audio.py or "
                "configs/fusion.py", "fusion": "configs/fusion.py"}
 
@@ -102,13 +106,21 @@ def _first_face(path, detector: faces.FaceDetector, every: int) -> tuple[float, 
 
 
 def _sound(path, info: media.MediaInfo) -> tuple[np.ndarray | None, str | None]:
-  """(16 kHz mono waveform, None), or (None, why the video's sound cannot be used)."""
+  """(16 kHz mono waveform from the first video frame on, None), or (None, why the video's sound
+  cannot be used). The audio stream starting `info.audio_start_s - info.video_start_s` after the
+  pictures (as players line them up) is preceded by that much silence, or cut by it."""
   if not info.has_audio:
     return None, "the video has no audio track"
   try:
-    return media.load_audio(path, audio_features.SAMPLE_RATE), None
+    waveform = media.load_audio(path, audio_features.SAMPLE_RATE)
   except ValueError as e:
     return None, f"its audio track is unreadable ({e})"
+  late = round((info.audio_start_s - info.video_start_s) * audio_features.SAMPLE_RATE)
+  waveform = (np.concatenate([np.zeros(late, np.float32), waveform]) if late > 0
+              else waveform[-late:])
+  if not len(waveform):
+    return None, "its audio track ends before the first video frame"
+  return waveform, None
 
 
 def predict_video(export, path, out=None, *, detector: faces.FaceDetector | None = None,
@@ -133,11 +145,8 @@ def predict_video(export, path, out=None, *, detector: faces.FaceDetector | None
     _check_extractor(fusion, "audio", audio)
   detector = detector or faces.FaceDetector()
   times_s, detected, boxes, visual = _visual(face, path, detector, detect_every, smooth, batch)
-  inputs = {"visual": visual[None], "lengths": np.array([len(times_s)], np.int32)}
   embeddings = None if audio is None else _embeddings(audio, waveform, len(times_s), batch)
-  if embeddings is not None:
-    inputs["audio"] = embeddings[None]
-  va = np.asarray(fusion(**inputs)["valence_arousal"])[0]
+  va = _fused(fusion, visual, embeddings)
   tracking = dict(detector=detector.__getstate__(), detect_every=detect_every, smooth=smooth)
   summary = _summary(path, info, times_s, detected, face, audio, fusion, why_not, waveform,
                      tracking, time.perf_counter() - start)
@@ -145,6 +154,17 @@ def predict_video(export, path, out=None, *, detector: faces.FaceDetector | None
   if out is not None:
     write_video_outputs(prediction, pathlib.Path(out), str(fusion.manifest["name"]))
   return prediction
+
+
+def _fused(fusion: exported.Model, visual: np.ndarray, audio: np.ndarray | None) -> np.ndarray:
+  """[T, 2]: `fusion` on the whole sequence, padded to a multiple of SEQUENCE_BUCKET frames (the
+  padding is masked, and the GRU runs forward: it leaves frames 0..T-1 as they are)."""
+  frames = len(visual)
+  pad = lambda x: np.pad(x, ((0, -frames % SEQUENCE_BUCKET), (0, 0)))[None]
+  inputs = {"visual": pad(visual), "lengths": np.array([frames], np.int32)}
+  if audio is not None:
+    inputs["audio"] = pad(audio)
+  return np.asarray(fusion(**inputs)["valence_arousal"])[0, :frames]
 
 
 def _visual(face: exported.Model, path, detector, detect_every, smooth, batch):
@@ -192,8 +212,9 @@ def _summary(path, info, times_s, detected, face, audio, fusion, why_not, wavefo
       "frames": len(times_s), "last_frame_s": float(times_s[-1]),
       "frames_without_face": int((~detected).sum()), "note": note,
       "audio": {"used": audio is not None, "why_not": why_not,
-                "decoded_seconds": None if waveform is None else round(
-                    len(waveform) / audio_features.SAMPLE_RATE, 3)},
+                "seconds_from_first_frame": None if waveform is None else round(
+                    len(waveform) / audio_features.SAMPLE_RATE, 3),
+                "starts_after_video_s": round(info.audio_start_s - info.video_start_s, 4)},
       "models": {"face": model(face), "audio": model(audio), "fusion": model(fusion)},
       "face_tracking": {**tracking, "crop_size": prep["crop_size"],
                         "crop_margin": prep["crop_margin"],
@@ -234,8 +255,8 @@ def write_video_outputs(p: VideoPrediction, out: pathlib.Path, model_name: str) 
 def predict_images(export, paths, out=None, *, face_model_name: str = "student",
                    detector: faces.FaceDetector | None = None, require_face: bool = False,
                    batch: int = BATCH) -> list[dict[str, Any]]:
-  """Expression probabilities, feature and embedding of the best face of each image; with
-  `out`, each goes to OUT/<image stem>.json."""
+  """Expression probabilities, feature and embedding of the best face of each image (an
+  unreadable one: {"image", "model", "error"}); with `out`, each goes to OUT/<image stem>.json."""
   paths = [pathlib.Path(p) for p in paths]
   stems = [p.stem for p in paths]
   if len(set(stems)) < len(stems):
@@ -243,9 +264,13 @@ def predict_images(export, paths, out=None, *, face_model_name: str = "student",
   model = face_model(export, face_model_name)
   detector = detector or faces.FaceDetector()
   prep, classes = model.manifest["preprocessing"], model.manifest["classes"]
-  crops, results = [], []
+  crops, results, read = [], [], []  # read: the results of readable images
   for path in paths:
-    image = faces.load_image(path)
+    try:
+      image = faces.load_image(path)
+    except (ValueError, FileNotFoundError) as e:
+      results.append({"image": str(path), "model": model.manifest["name"], "error": str(e)})
+      continue
     found = detector.detect(image)
     note = None
     if len(found):
@@ -259,34 +284,41 @@ def predict_images(export, paths, out=None, *, face_model_name: str = "student",
       note = ("no face detected: the image's centred square was used as the face crop (right "
               "for an already-cropped face; meaningless if the image shows no face)")
     crops.append(faces.crop(image, box, margin=prep["crop_margin"], size=prep["crop_size"]))
-    results.append({"image": str(path), "model": model.manifest["name"],
-                    "model_directory": str(model.directory.resolve()),
-                    "face_detected": bool(len(found)), "box": [float(v) for v in box],
-                    "note": note})
+    read.append({"image": str(path), "model": model.manifest["name"],
+                 "model_directory": str(model.directory.resolve()),
+                 "face_detected": bool(len(found)), "box": [float(v) for v in box],
+                 "note": note})
+    results.append(read[-1])
+  if not crops:
+    raise ValueError("no readable image: " + "; ".join(r["error"] for r in results))
   outputs = _batched(model, "images", np.stack(crops), ("logits", "feature", "embedding"),
                      min(batch, len(crops)))
   logits = outputs["logits"].astype(np.float64)
   probabilities = np.exp(logits - logits.max(-1, keepdims=True))
   probabilities /= probabilities.sum(-1, keepdims=True)
-  for i, result in enumerate(results):
+  for i, result in enumerate(read):
     result.update(
         probabilities=dict(zip(classes, probabilities[i].tolist())),
         top=classes[int(np.argmax(probabilities[i]))], logits=logits[i].tolist(),
         feature=outputs["feature"][i].tolist(), embedding=outputs["embedding"][i].tolist())
-    if out is not None:
-      pathlib.Path(out).mkdir(parents=True, exist_ok=True)
-      (pathlib.Path(out) / f"{paths[i].stem}.json").write_text(json.dumps(result, indent=2) + "\n")
+  for path, result in zip(paths, results) if out is not None else ():
+    pathlib.Path(out).mkdir(parents=True, exist_ok=True)
+    (pathlib.Path(out) / f"{path.stem}.json").write_text(json.dumps(result, indent=2) + "\n")
   return results
 
 
 def image_report(results: list[dict[str, Any]], top: int = 3) -> str:
   """What tools/predict.py prints for `predict_images`'s results: a line per image (name, whether
-  a face was found, its `top` most likely expressions), then the notes."""
+  a face was found, its `top` most likely expressions, or ERROR), then the notes and errors."""
   lines = [f"{'image':30s} {'face':5s} top expressions ({results[0]['model']})"]
   for r in results:
+    image = f"{pathlib.Path(r['image']).name[:30]:30s} "
+    if "error" in r:
+      lines.append(image + "-     ERROR: unreadable, left out")
+      continue
     best = sorted(r["probabilities"].items(), key=lambda kv: -kv[1])[:top]
-    lines.append(f"{pathlib.Path(r['image']).name[:30]:30s} "
-                 f"{'yes' if r['face_detected'] else 'NO':5s} "
+    lines.append(image + f"{'yes' if r['face_detected'] else 'NO':5s} "
                  + "  ".join(f"{name} {p:.3f}" for name, p in best))
-  lines += [f"NOTE: {r['image']}: {r['note']}" for r in results if r["note"]]
+  lines += [f"NOTE: {r['image']}: {r['note']}" for r in results if r.get("note")]
+  lines += [f"ERROR: {r['error']}" for r in results if "error" in r]
   return "\n".join(lines)

@@ -83,10 +83,13 @@ def stereo(mono: np.ndarray, right_gain: float = 0.5) -> np.ndarray:
 
 
 def write_video(path, frames: Iterable[np.ndarray], fps, *, audio_CxN: np.ndarray | None = None,
-                audio_rate: int = 44100, codec: str | None = None, faststart: bool = False):
+                audio_rate: int = 44100, codec: str | None = None, faststart: bool = False,
+                rotation: int = 0, video_start_s: float = 0.0, audio_start_s: float = 0.0):
   """Writes RGB frames at `fps` (H.264 if FFmpeg has libx264, else MPEG-4) and AAC audio [C, N].
 
-  `faststart` puts the MP4 header before the data (as streaming sites do).
+  `faststart` puts the MP4 header before the data (as streaming sites do); `rotation`: degrees
+  counter-clockwise a player turns the frames (a phone's portrait video: -90, its frames stored
+  turned by +90); each stream starts at its `*_start_s` on the file's clock.
   """
   codec = codec or ("libx264" if "libx264" in av.codecs_available else "mpeg4")
   rate = fractions.Fraction(fps).limit_denominator(1001)
@@ -97,6 +100,8 @@ def write_video(path, frames: Iterable[np.ndarray], fps, *, audio_CxN: np.ndarra
     video = out.add_stream(codec, rate=rate)
     video.width, video.height, video.pix_fmt = first.shape[1], first.shape[0], "yuv420p"
     video.options = {"crf": "18", "preset": "ultrafast"} if codec == "libx264" else {}
+    if rotation:
+      video.set_display_rotation(rotation)
     if codec != "libx264":
       video.bit_rate = 4_000_000
     if audio_CxN is not None:
@@ -106,11 +111,13 @@ def write_video(path, frames: Iterable[np.ndarray], fps, *, audio_CxN: np.ndarra
       for start in range(0, audio_CxN.shape[1], step):
         chunk = np.ascontiguousarray(audio_CxN[:, start:start + step], np.float32)
         frame = av.AudioFrame.from_ndarray(chunk, format="fltp", layout=layout)
-        frame.sample_rate, frame.pts = audio_rate, start
+        frame.sample_rate, frame.pts = audio_rate, start + round(audio_start_s * audio_rate)
         out.mux(sound.encode(frame))
       out.mux(sound.encode(None))
-    for image in itertools.chain([first], frames):
-      out.mux(video.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(image), format="rgb24")))
+    for i, image in enumerate(itertools.chain([first], frames), round(video_start_s * rate)):
+      frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(image), format="rgb24")
+      frame.pts = i  # in 1 / rate
+      out.mux(video.encode(frame))
     out.mux(video.encode(None))
 
 

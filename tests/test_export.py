@@ -33,6 +33,8 @@ def _tool(*args: str) -> str:
 
 def test_export_load_evaluate(tiny_run, tmp_path):
   config, workdir, summary = tiny_run
+  (workdir / "export" / ".student.old").mkdir(parents=True)  # as an export killed between
+  (workdir / "export" / ".student.old" / "manifest.json").write_text("{}")  # its two renames
   # The architectures come from the workdir's config.json (the overrides above included).
   _tool("tools/export.py", f"--workdir={workdir}", f"--out={workdir / 'export'}")
   assert sorted(p.parent.relative_to(workdir / "export").as_posix()

@@ -11,6 +11,7 @@ import skimage.data
 from PIL import Image
 
 import media_fixtures as mf
+from avemo_jax import predict
 from avemo_jax.data import audio_features, faces, media
 
 TONES_HZ = (300, 500, 700, 900)
@@ -49,6 +50,7 @@ def test_probe(face_video, wav_48k):
   assert (info.has_video, info.fps, info.num_frames, info.width, info.height) == (
     True, 30.0, 120, 320, 240)
   assert (info.has_audio, info.sample_rate, info.channels) == (True, 44100, 2)
+  assert (info.rotation, info.video_start_s, info.audio_start_s) == (0, 0.0, 0.0)
   assert info.duration_s == pytest.approx(4.0, abs=0.05)
   info = media.probe(wav_48k)
   assert (info.has_video, info.fps, info.num_frames, info.has_audio) == (False, 0.0, 0, True)
@@ -263,11 +265,54 @@ def test_track_detect_every_and_smooth(gaps_video, fast_detector):
   out = list(faces.track(media.video_frames(path), counting, margin=0.2, size=64,
                          detect_every=3, smooth=0.5))
   assert len(calls) == 6 + 12  # every frame until the first face (frame 5), then 6, 9, .., 39
-  assert all(o.detected for k, o in enumerate(out) if k > 5 and k % 3)
+  # A frame not searched takes the last search's result: the gap (20-29) from frame 21 on.
+  detected = [o.detected for o in out]
+  assert detected[6:] == [detected[k - k % 3] for k in range(6, 41)]
+  assert all(detected[5:21]) and not any(detected[21:30]) and all(detected[30:])
   det5, det6 = (fast_detector.detect(frame_at(path, k))[0, :4] for k in (5, 6))
   assert np.abs(det6 - det5).max() > 1  # the face moves
   np.testing.assert_allclose(out[6].box, 0.5 * det5 + 0.5 * det6, atol=1e-4)
   np.testing.assert_array_equal(out[7].box, out[6].box)  # frame 7 not searched: carried
+
+
+def test_portrait_video_frames_come_out_upright(tmp_path, detector):
+  """As a phone stores a portrait video: frames turned by +90 degrees, a display matrix that
+  turns them back; they come out as a player shows them."""
+  upright = [f for f, _ in mf.moving_face(13, width=240, height=320, face_px=110)]
+  path = tmp_path / "portrait.mp4"
+  mf.write_video(path, (np.rot90(f) for f in upright), 25, rotation=-90)
+  info = media.probe(path)
+  assert (info.width, info.height, info.rotation) == (240, 320, 270)
+  frames = [f for _, f in media.video_frames(path)]
+  assert len(frames) == 14 and frames[6].shape == (320, 240, 3)  # 0.52 s: 0 .. 0.52 s
+  assert np.abs(frames[6].astype(int) - upright[6]).mean() < 3  # H.264 at crf 18
+  assert len(detector.detect(frames[6])) == 1
+
+
+@pytest.mark.parametrize("video_start_s, audio_start_s", [(1.0, 0.0), (0.0, 0.52)])
+def test_sound_is_lined_up_with_the_pictures(tmp_path, video_start_s, audio_start_s):
+  """Streams that start at different times: the sound predict uses starts with the first
+  picture (silence before a late sound, an early one cut), and a tone that changes every second
+  of its own clock changes at those times plus its start after the pictures."""
+  path = tmp_path / "late.mp4"
+  mf.write_video(path, (f for f, _ in mf.moving_face(50)), 25, audio_rate=16000,
+                 audio_CxN=mf.tones(TONES_HZ, 16000)[None], video_start_s=video_start_s,
+                 audio_start_s=audio_start_s)
+  info = media.probe(path)
+  assert info.video_start_s == video_start_s
+  waveform, why_not = predict._sound(path, info)
+  decoded = media.load_audio(path)
+  late = round((info.audio_start_s - video_start_s) * 16000)  # AAC's priming decoded before
+  assert why_not is None and len(waveform) == len(decoded) + late
+  np.testing.assert_array_equal(waveform[max(late, 0):], decoded[max(-late, 0):])
+  assert not waveform[:max(late, 0)].any()
+  for second in (1, 2, 3):
+    change = round((second + audio_start_s - video_start_s) * 16000)
+    if change < 480:
+      continue
+    before, after = waveform[change - 480:change - 80], waveform[change + 80:change + 480]
+    assert mf.dominant_hz(before, 16000) == pytest.approx(TONES_HZ[second - 1], abs=40)
+    assert mf.dominant_hz(after, 16000) == pytest.approx(TONES_HZ[second], abs=40)
 
 
 def frame_at(path, k: int) -> np.ndarray:
@@ -293,6 +338,9 @@ def test_load_image_reports_bad_files(tmp_path):
   grey = tmp_path / "grey.png"
   Image.fromarray(skimage.data.camera()).save(grey)
   assert faces.load_image(grey).shape == (512, 512, 3)
+  Image.fromarray(skimage.data.camera().astype(np.uint16) * 257).save(grey)  # 16 bits
+  assert Image.open(grey).mode == "I;16"
+  np.testing.assert_array_equal(faces.load_image(grey)[..., 1], skimage.data.camera())
   truncated = tmp_path / "truncated.jpg"
   truncated.write_bytes(good.read_bytes()[:5000])
   with pytest.raises(ValueError, match="truncated.jpg.*truncated"):

@@ -83,8 +83,10 @@ def test_talking_face_video(root, tmp_path):
   _check_rows(rows, frames / 30)
   assert (tmp_path / "out" / "predictions.png").read_bytes()[:8] == PNG_SIGNATURE
   s = p.summary
-  assert s["audio"] == {"used": True, "why_not": None, "decoded_seconds": pytest.approx(
-      media.load_audio(video).size / 16000, abs=1e-3)} and s["note"] is None
+  assert s["audio"] == {"used": True, "why_not": None, "starts_after_video_s": 0.0,
+                        "seconds_from_first_frame": pytest.approx(
+                            media.load_audio(video).size / 16000, abs=1e-3)}
+  assert s["note"] is None
   assert [m["name"] for m in s["models"].values()] == ["student", "audio", "fusion/fused"]
   assert s["source"]["fps"] == 30 and s["source"]["sample_rate"] == 44100
   assert s["source"]["channels"] == 2 and s["frames"] == len(rows)
@@ -121,6 +123,7 @@ def test_silent_video_through_the_command_line(root, tmp_path):
   env = {k: v for k, v in os.environ.items()
          if k not in ("XLA_FLAGS", "JAX_COMPILATION_CACHE_DIR")}
   env["HOME"] = str(tmp_path)
+  env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"  # :tiny's compile in < 1 s when idle
   done = subprocess.run(
       [sys.executable, "tools/predict.py", f"--export={root}", f"--video={video}",
        f"--out={tmp_path / 'out'}"], capture_output=True, text=True, env=env,
@@ -143,7 +146,9 @@ def test_images(root, tmp_path):
   face_image, no_face = tmp_path / "astronaut.png", tmp_path / "coffee.jpg"
   Image.fromarray(skimage.data.astronaut()).save(face_image)
   Image.fromarray(mf.background(320, 240)).save(no_face)
-  results = predict.predict_images(root, [face_image, no_face], tmp_path / "out")
+  broken = tmp_path / "broken.jpg"
+  broken.write_bytes(no_face.read_bytes()[:300])
+  *results, unread = predict.predict_images(root, [face_image, no_face, broken], tmp_path / "out")
   student = exported.load(root / "student")
   prep, classes = student.manifest["preprocessing"], student.manifest["classes"]
   image = faces.load_image(face_image)
@@ -167,14 +172,20 @@ def test_images(root, tmp_path):
   assert not other["face_detected"] and "no face detected" in other["note"]
   assert (tmp_path / "out" / "astronaut.json").is_file()
   assert (tmp_path / "out" / "coffee.json").is_file()
+  assert set(unread) == {"image", "model", "error"}
+  assert "broken.jpg: cannot decode" in unread["error"]
+  assert json.loads((tmp_path / "out" / "broken.json").read_text()) == unread
   # What tools/predict.py --image prints: the 3 most likely expressions of each, then the note.
-  lines = predict.image_report(results).splitlines()
+  lines = predict.image_report(results + [unread]).splitlines()
   assert lines[0].split() == ["image", "face", "top", "expressions", "(student)"]
   best = sorted(face["probabilities"], key=face["probabilities"].get, reverse=True)[:3]
   assert lines[1].split() == ["astronaut.png", "yes"] + [
       word for c in best for word in (c, f"{face['probabilities'][c]:.3f}")]
   assert lines[2].split()[:2] == ["coffee.jpg", "NO"] and len(lines[2].split()) == 8
-  assert lines[3:] == [f"NOTE: {no_face}: {other['note']}"]
+  assert lines[3].split() == ["broken.jpg", "-", "ERROR:", "unreadable,", "left", "out"]
+  assert lines[4:] == [f"NOTE: {no_face}: {other['note']}", f"ERROR: {unread['error']}"]
+  with pytest.raises(ValueError, match="no readable image: .*broken.jpg"):
+    predict.predict_images(root, [broken])
   with pytest.raises(ValueError, match=f"{no_face}: no face found"):
     predict.predict_images(root, [no_face], require_face=True)
   teacher = predict.predict_images(root, [face_image], face_model_name="teacher")[0]

@@ -122,7 +122,8 @@ class TrackedFace(NamedTuple):
   time_s: float
   crop: np.ndarray  # [size, size, 3] uint8
   box: np.ndarray  # (x, y, w, h) float32 that was cropped
-  detected: bool  # False: no face found here, box carried (frames skipped by detect_every: True)
+  detected: bool  # False: no face found, box carried (frames skipped by detect_every: the last
+  # detection's result, so a stretch without a face counts every frame of it)
 
 
 def track(frames: Iterable[tuple[float, np.ndarray]], detector: FaceDetector, *, margin: float,
@@ -145,13 +146,13 @@ def track(frames: Iterable[tuple[float, np.ndarray]], detector: FaceDetector, *,
   """
   if not 0 <= smooth < 1 or detect_every < 1:
     raise ValueError(f"need 0 <= smooth < 1 and detect_every >= 1, got {smooth}, {detect_every}")
-  box, lead = None, []
+  box, lead, found = None, [], False
   for index, (time_s, frame) in enumerate(frames):
-    found = False
     if index % detect_every == 0 or box is None:
       faces = detector.detect(frame)
-      if len(faces):
-        found, new = True, faces[0, :4]
+      found = bool(len(faces))
+      if found:
+        new = faces[0, :4]
         box = new if box is None else (smooth * box + (1 - smooth) * new).astype(np.float32)
     if box is None:
       if len(lead) >= max_lead:
@@ -162,15 +163,15 @@ def track(frames: Iterable[tuple[float, np.ndarray]], detector: FaceDetector, *,
     for lead_time, lead_frame in lead:
       yield TrackedFace(lead_time, crop(lead_frame, box, margin=margin, size=size), box, False)
     lead = []
-    yield TrackedFace(time_s, crop(frame, box, margin=margin, size=size), box,
-                      found or index % detect_every != 0)
+    yield TrackedFace(time_s, crop(frame, box, margin=margin, size=size), box, found)
   if box is None:
     raise ValueError(f"{name}: no face found in any of its {len(lead)} frames; check the video "
                      "(faces must be upright and frontal, at least a tenth of the frame)")
 
 
 def load_image(path) -> np.ndarray:
-  """Reads an image file -> RGB uint8 HxWx3 (EXIF rotation applied, alpha dropped, grey expanded).
+  """Reads an image file -> RGB uint8 HxWx3 (EXIF rotation applied, alpha dropped, grey (8 or 16
+  bits) expanded).
 
   Raises:
     FileNotFoundError: no such file.
@@ -182,7 +183,12 @@ def load_image(path) -> np.ndarray:
   try:
     with Image.open(path) as image:
       image.load()
-      return np.asarray(ImageOps.exif_transpose(image).convert("RGB"))
+      image = ImageOps.exif_transpose(image)
+      if image.mode.startswith("I"):  # 16-bit grey ("I;16", or "I"): convert would clip at 255
+        grey = np.asarray(image).astype(np.int64)
+        sixteen = image.mode.startswith("I;16") or grey.max() > 255
+        image = Image.fromarray((grey >> 8 if sixteen else grey).clip(0, 255).astype(np.uint8))
+      return np.asarray(image.convert("RGB"))
   except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
     raise ValueError(f"{path}: cannot decode image ({e}); it is corrupt, truncated or not an "
                      "image: re-download or delete it") from e

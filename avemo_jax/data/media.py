@@ -1,8 +1,11 @@
 """Streaming decoding of video and audio files (`.mp4`, `.wav`, anything FFmpeg reads) with PyAV.
 
 Time 0 is the first decoded frame of the video stream for pictures and the first decoded sample of
-the audio stream for sound. Nothing here holds a whole video in memory: frames are decoded and
-converted one at a time, and audio decoding never decodes the picture stream.
+the audio stream for sound; `MediaInfo` has both streams' start times, to line them up. Frames
+come out as a player shows them: turned upright by the display matrix (phones' portrait videos).
+A cover picture (an attached thumbnail stream) is not the video. Nothing here holds a whole video
+in memory: frames are decoded and converted one at a time, and audio decoding never decodes the
+picture stream.
 """
 import dataclasses
 import fractions
@@ -28,11 +31,14 @@ class MediaInfo:
   has_video: bool
   fps: float  # 0.0 without a video stream
   num_frames: int
-  width: int
+  width: int  # as shown: the stored size turned by `rotation`
   height: int
+  rotation: int  # degrees counter-clockwise the player turns the stored frames: 0, 90, 180, 270
+  video_start_s: float  # the first decoded frame's time on the file's clock (0.0 without one)
   has_audio: bool
   sample_rate: int  # 0 without an audio stream
   channels: int
+  audio_start_s: float
 
 
 def _open(path) -> av.container.InputContainer:
@@ -50,10 +56,36 @@ def _seconds(value, time_base) -> float | None:
   return None if value is None or time_base is None else float(value * time_base)
 
 
+def _video_stream(container) -> av.video.stream.VideoStream | None:
+  """The first video stream that is not a cover picture."""
+  return next((s for s in container.streams.video
+               if not s.disposition & av.stream.Disposition.attached_pic), None)
+
+
+def _quarter_turns(frame: av.VideoFrame) -> int:
+  """Counter-clockwise quarter turns that show `frame` upright (its display matrix's rotation)."""
+  return round(frame.rotation / 90) % 4
+
+
+def _first_frames(container, streams: list) -> dict[int, av.frame.Frame]:
+  """The first decoded frame of each of `streams`, by stream index (none for one that fails)."""
+  first = {}
+  try:
+    for packet in container.demux(*streams):
+      if packet.stream.index not in first:
+        first.update((packet.stream.index, f) for f in packet.decode()[:1])
+      if len(first) == len(streams):
+        break
+  except av.FFmpegError:  # video_frames and load_audio say what is wrong
+    pass
+  return first
+
+
 def probe(path) -> MediaInfo:
-  """Reads the header of `path`; decodes nothing."""
+  """Reads the header of `path`, and the first decoded frame of each stream (for the display
+  rotation, and the times that video_frames' and load_audio's time 0 are at)."""
   with _open(path) as container:
-    video = container.streams.video[0] if container.streams.video else None
+    video = _video_stream(container)
     audio = container.streams.audio[0] if container.streams.audio else None
     durations = [_seconds(s.duration, s.time_base) for s in (video, audio) if s is not None]
     if container.duration is not None:
@@ -64,11 +96,16 @@ def probe(path) -> MediaInfo:
       num_frames = round((_seconds(video.duration, video.time_base) or duration_s) * fps)
     else:
       num_frames = video.frames if video else 0
+    first = _first_frames(container, [s for s in (video, audio) if s is not None])
+    turns = _quarter_turns(first[video.index]) if video and video.index in first else 0
+    width, height = (video.width, video.height) if video else (0, 0)
+    start = lambda s: float(first[s.index].time or 0.0) if s and s.index in first else 0.0
     return MediaInfo(
       path=os.fspath(path), duration_s=duration_s, has_video=video is not None, fps=fps,
-      num_frames=num_frames, width=video.width if video else 0, height=video.height if video else 0,
+      num_frames=num_frames, width=height if turns % 2 else width,
+      height=width if turns % 2 else height, rotation=90 * turns, video_start_s=start(video),
       has_audio=audio is not None, sample_rate=audio.rate if audio else 0,
-      channels=audio.channels if audio else 0)
+      channels=audio.channels if audio else 0, audio_start_s=start(audio))
 
 
 def _decode(container, stream, path) -> Iterator[av.frame.Frame]:
@@ -83,6 +120,8 @@ def _decode(container, stream, path) -> Iterator[av.frame.Frame]:
 
 def _rgb(frame: av.VideoFrame) -> np.ndarray:
   rgb = frame.to_ndarray(format="rgb24")
+  if turns := _quarter_turns(frame):
+    rgb = np.ascontiguousarray(np.rot90(rgb, turns))
   rgb.flags.writeable = False
   return rgb
 
@@ -90,12 +129,12 @@ def _rgb(frame: av.VideoFrame) -> np.ndarray:
 def video_frames(path, fps: float = 25.0) -> Iterator[tuple[float, np.ndarray]]:
   """Yields (time_s, frame_HxWx3 RGB uint8) at `fps` label frames per second, streaming.
 
-  Label frame k is at time k / fps and shows the source frame on screen then: the latest one whose
-  presentation time (relative to the first frame) is <= k / fps. A video of duration d (the last
-  frame's time + its duration) gives floor(d * fps) + 1 label frames at times 0 .. floor(d * fps) /
-  fps inclusive: 300 s -> 7,501 frames at 0.00 .. 300.00 s, as the AVEC 2016 label files. Any
-  source rate: a higher one skips frames, a lower one repeats them. Frames are read-only (a
-  repeated frame is the same array): copy one before changing it.
+  Label frame k is at time k / fps and shows the source frame on screen then, upright as a player
+  shows it: the latest one whose presentation time (relative to the first frame) is <= k / fps. A
+  video of duration d (the last frame's time + its duration) gives floor(d * fps) + 1 label frames
+  at times 0 .. floor(d * fps) / fps inclusive: 300 s -> 7,501 frames at 0.00 .. 300.00 s, as the
+  AVEC 2016 label files. Any source rate: a higher one skips frames, a lower one repeats them.
+  Frames are read-only (a repeated frame is the same array): copy one before changing it.
 
   Raises:
     FileNotFoundError / ValueError: the file is missing, unreadable, has no video stream, or is
@@ -105,9 +144,9 @@ def video_frames(path, fps: float = 25.0) -> Iterator[tuple[float, np.ndarray]]:
     raise ValueError(f"fps must be positive, got {fps}")
   path = os.fspath(path)
   with _open(path) as container:
-    if not container.streams.video:
+    stream = _video_stream(container)
+    if stream is None:
       raise ValueError(f"{path}: no video stream; give a video file (load_audio reads sound only)")
-    stream = container.streams.video[0]
     stream.thread_type = "AUTO"  # frame threads: ~1.4x faster on 2 busy cores
     tb = stream.time_base or fractions.Fraction(1, 90000)
     src_dt = 1.0 / float(stream.average_rate or stream.guessed_rate or fps)
