@@ -17,9 +17,10 @@ import optax
 import pytest
 
 from avemo_jax import parallel
-from avemo_jax.train import loop, steps
+from avemo_jax.train import checkpoint, loop, steps
 from avemo_jax.train import workdir as workdir_lib
 from avemo_jax.train import state as state_lib
+from avemo_jax.train.writer import MetricWriter
 from configs import common, fusion
 
 POISON = 9  # example index with a NaN target: in the third batch of 4
@@ -52,14 +53,15 @@ def _config(**overrides):
   return cfg
 
 
-def _train(workdir, cfg, *, poison=True, batches=None, step=_toy_step):
+def _train(workdir, cfg, *, poison=True, batches=None, step=_toy_step, before_init=lambda: None,
+           evaluate=lambda s: {}):
   examples = grain.MapDataset.range(200).map(
       lambda i: _example(int(i) if poison else int(i) + 1000))
-  stage = loop.Stage(name="toy", config=cfg, step=step, step_args=(),
-                     init=lambda: state_lib.create(_Linear(), cfg, jax.random.key(0),
-                                                   (jnp.zeros((1, 3)),)),
+  init = lambda: before_init() or state_lib.create(_Linear(), cfg, jax.random.key(0),
+                                                   (jnp.zeros((1, 3)),))
+  stage = loop.Stage(name="toy", config=cfg, step=step, step_args=(), init=init,
                      batches=batches or iter(examples.batch(4).to_iter_dataset()),
-                     evaluate=lambda s: {})
+                     evaluate=evaluate)
   return loop.train(stage, workdir, max_checkpoints=3,
                     parallel=parallel.DataParallel("jit", devices=jax.devices()[:1]))
 
@@ -212,6 +214,33 @@ def test_sigterm_checkpoints_and_resume_equals_uninterrupted(tmp_path):
   resumed, _ = _train(tmp_path / "run", cfg, poison=False)
   jax.tree.map(np.testing.assert_array_equal, resumed.params, reference.params)
   jax.tree.map(np.testing.assert_array_equal, resumed.opt_state, reference.opt_state)
+
+
+def test_a_sigterm_while_a_finished_stage_is_restored_is_not_lost(tmp_path):
+  """(As one in its last step.) The next stage would not see it: Preempted (exit 143) with the
+  checkpoint on disk; the rerun evaluates, and the metrics keep one final evaluation."""
+  cfg = _config(checkpoint_every=100)
+  evaluate = lambda s: {"norm": float(np.abs(s.params["Dense_0"]["kernel"]).sum())}
+  _train(tmp_path, cfg, poison=False, evaluate=evaluate)
+  with pytest.raises(loop.Preempted) as info:
+    _train(tmp_path, cfg, poison=False, evaluate=evaluate,
+           before_init=lambda: os.kill(os.getpid(), signal.SIGTERM))
+  assert info.value.step == 12
+  _train(tmp_path, cfg, poison=False, evaluate=evaluate)
+  lines = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+  assert [l["step"] for l in lines] == [4, 8, 12, 12] and "eval_norm" in lines[-1]
+
+
+def test_a_torn_metrics_line_is_dropped_on_resume(tmp_path):
+  """As a full disk or a crash leaves it; and an unreadable step kept aside twice."""
+  (tmp_path / "metrics.jsonl").write_text('{"step": 4, "loss": 1.5}\n{"step": 8, "loss": 1.')
+  writer = MetricWriter(tmp_path, resume_step=8)
+  writer.write(9, {"loss": 1.25})
+  writer.close()
+  assert (tmp_path / "metrics.jsonl").read_text() == ('{"step": 4, "loss": 1.5}\n'
+                                                     '{"step": 9, "loss": 1.25}\n')
+  (tmp_path / "8.unreadable").mkdir()
+  assert checkpoint._unused(tmp_path / "8.unreadable").name == "8.unreadable.2"
 
 
 @pytest.mark.parametrize("every_secs, read_s, saved", [

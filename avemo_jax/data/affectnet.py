@@ -17,8 +17,8 @@ Stored splits (DATA_DIR/affectnet/<size>px_margin<m>/1.0.0, ArrayRecord): train_
 validation_7class hold codes 0-6, train_contempt and validation_contempt code 7 (Contempt), so
 that 8 classes read "train_7class+train_contempt" and 7 classes "train_7class" without storing
 anything twice (a CSV without Contempt rows, like the 7-class validation list, gets no contempt
-split, and its 8-class read is its 7-class split). Validation is the test set. Valence/arousal -2 ("invalid") or outside [-1, 1]
-are kept as 0 with va_valid=False. Skipped and counted (with quoted lines) in the report: codes
+split, and its 8-class read is its 7-class split). Validation is the test set. Valence/arousal
+-2 ("invalid") or outside [-1, 1] are kept as 0 with va_valid=False. Skipped and counted (with quoted lines) in the report: codes
 8 None / 9 Uncertain / 10 No-Face, other codes, malformed lines, missing or unreadable images,
 boxes outside the image.
 """

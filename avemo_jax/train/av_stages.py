@@ -47,10 +47,7 @@ def run(config: ml_collections.ConfigDict, workdir: pathlib.Path, summary: dict[
 
 
 def _load(config, key: str, model, stage_cfg, inputs) -> dict[str, Any]:
-  if not config[key]:
-    stage = key.removesuffix("_checkpoint")
-    raise ValueError(f"the fusion stage needs a trained {stage}: add '{stage}' to config.stages "
-                     f"or set --config.{key}=WORKDIR/{stage}")
+  """The variables of config.`key` (set and existing: stages._validate)."""
   template = jax.eval_shape(lambda: state_lib.create(model, stage_cfg, jax.random.key(0), inputs))
   return load_variables(config[key], template, f"config.{key}")
 

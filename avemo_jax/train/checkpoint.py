@@ -52,6 +52,14 @@ def _state_handler() -> ocp.PyTreeCheckpointHandler:
   return ocp.PyTreeCheckpointHandler(type_handler_registry=registry)
 
 
+def _unused(path: pathlib.Path) -> pathlib.Path:
+  """`path`, or `path`.<n> with the first n >= 2 that is not taken (a step unreadable again)."""
+  n = 1
+  while path.with_name(path.name + (f".{n}" if n > 1 else "")).exists():
+    n += 1
+  return path.with_name(path.name + (f".{n}" if n > 1 else ""))
+
+
 class Checkpoints:
   """Saves and restores the train state together with the Grain iterator's position."""
 
@@ -144,11 +152,12 @@ class Checkpoints:
         continue
       for bad, error in errors:
         path = pathlib.Path(self.manager.directory) / str(bad)
+        aside = _unused(path.with_name(f"{bad}.unreadable"))
         logging.warning("checkpoint step %d in %s cannot be read (%s: %s); resuming from step %d "
-                        "and keeping it as %s.unreadable", bad, path.parent,
-                        type(error).__name__, str(error)[:300], step, path.name)
+                        "and keeping it as %s", bad, path.parent, type(error).__name__,
+                        str(error)[:300], step, aside.name)
         if jax.process_index() == 0:
-          path.rename(path.with_name(f"{bad}.unreadable"))
+          path.rename(aside)
       if errors:
         if jax.process_count() > 1:  # every process sees the renames before it reloads
           ocp.multihost.sync_global_processes("avemo_jax_unreadable", timeout=600,

@@ -257,16 +257,25 @@ def train(stage: Stage, workdir: pathlib.Path, max_checkpoints: int,
       if save or preempted:
         checkpoints.save(step, state, batches)
       if preempted and not last:
-        checkpoints.close()
-        if writer:
-          writer.close()
-        logging.warning("[%s] preempted: checkpoint of step %d written to %s; run the same "
-                        "command again to resume", stage.name, step, workdir)
-        raise Preempted(stage.name, step)
+        _preempted(stage, step, workdir, checkpoints, writer)
+    if sigterm.is_set():  # in the last step, or while a finished stage was restored
+      _preempted(stage, cfg.num_steps, workdir, checkpoints, writer)
   checkpoints.close()
   with hostmem.gc_paused():
     final = stage.evaluate(parallel_lib.local(state))
   if writer:
-    writer.write(cfg.num_steps, _scalars(final, "eval_"))
+    if not (start >= cfg.num_steps and writer.logged(cfg.num_steps, "eval_")):  # not again
+      writer.write(cfg.num_steps, _scalars(final, "eval_"))
     writer.close()
   return state, final
+
+
+def _preempted(stage: Stage, step: int, workdir: pathlib.Path, checkpoints: Checkpoints,
+               writer: MetricWriter | None) -> None:
+  """Raises Preempted once step `step`'s checkpoint is written."""
+  checkpoints.close()
+  if writer:
+    writer.close()
+  logging.warning("[%s] preempted: checkpoint of step %d written to %s; run the same command "
+                  "again to resume", stage.name, step, workdir)
+  raise Preempted(stage.name, step)

@@ -94,13 +94,38 @@ def _validate(config: ml_collections.ConfigDict) -> None:
                     "units; here (%d %s devices, fusion.hidden=%d) the GRUs run as a lax.scan",
                     gru_pallas.MAX_UNITS, jax.device_count(), jax.default_backend(),
                     config.fusion.hidden)
-  for name, stage in (("teacher", config.teacher), ("student", config.student),
-                      ("audio.train", config.audio.train), ("fusion.train", config.fusion.train)):
+  for run, name, stage in (("teacher", "teacher", config.teacher),
+                           ("student", "student", config.student),
+                           ("audio", "audio.train", config.audio.train),
+                           ("fusion", "fusion.train", config.fusion.train)):
     if stage.on_nonfinite not in ("stop", "skip"):
       raise ValueError(f"config.{name}.on_nonfinite={stage.on_nonfinite!r}: 'stop' or 'skip'")
     if stage.profile_steps < 0 or stage.profile_first < 1:
       raise ValueError(f"config.{name}.profile_steps={stage.profile_steps} (>= 0, 0: no profile),"
                        f" profile_first={stage.profile_first} (>= 1: the first step run)")
+    for key, least in (("num_steps", 0), ("log_every", 1), ("eval_every", 0),
+                       ("checkpoint_every", 0), ("checkpoint_every_secs", 0)):
+      if stage[key] < least:
+        raise ValueError(f"config.{name}.{key}={stage[key]}: must be >= {least}")
+    if "triplet_margins" in stage and len(stage.triplet_margins) != 3:
+      raise ValueError(f"config.{name}.triplet_margins={tuple(stage.triplet_margins)}: one margin "
+                       "per FEC triplet type (one-, two-, three-class)")
+    for key in ("batch_faces", "batch_triplets", "batch_unlabelled", "batch"):
+      if run in config.stages and key in stage and (stage[key] or key != "batch_unlabelled"):
+        parallel.process_batch(stage[key], f"{name}.{key}")
+  if config.max_checkpoints < 1:
+    raise ValueError(f"config.max_checkpoints={config.max_checkpoints}: keep at least 1 per stage "
+                     "(the last one is what a later stage and tools/export.py read)")
+  if config.student_init not in ("teacher", "scratch"):
+    raise ValueError(f"config.student_init={config.student_init!r}: 'teacher' or 'scratch'")
+  for stage, upstream in (("student", "teacher"), ("fusion", "student"), ("fusion", "audio")):
+    key = f"{upstream}_checkpoint"
+    if config[key] and not pathlib.Path(config[key]).is_dir():
+      raise FileNotFoundError(f"config.{key}={config[key]}: no such directory; give the "
+                              f"{upstream} directory of a trained workdir (WORKDIR/{upstream})")
+    if stage in config.stages and upstream not in config.stages and not config[key]:
+      raise ValueError(f"the {stage} stage needs a trained {upstream}: add '{upstream}' to "
+                       f"config.stages or set --config.{key}=WORKDIR/{upstream}")
   if config.data.source not in ("synthetic", "tfds") or (config.data.source == "tfds"
                                                          and not config.data.data_dir):
     raise ValueError(f"config.data.source={config.data.source!r}, config.data.data_dir="
@@ -150,17 +175,12 @@ def _visual_stages(config: ml_collections.ConfigDict, workdir: pathlib.Path,
   if "student" not in config.stages:
     return None
   cfg = config.student
-  if teacher_variables is None:
-    if not config.teacher_checkpoint:
-      raise ValueError("the student stage needs a teacher: add 'teacher' to config.stages or "
-                       "set --config.teacher_checkpoint=WORKDIR/teacher")
+  if teacher_variables is None:  # config.teacher_checkpoint (checked in _validate)
     template = jax.eval_shape(lambda: state_lib.create(model, config.teacher, rng,
                                                        build.face_inputs(size)))
     teacher_variables = load_variables(config.teacher_checkpoint, template,
                                        "config.teacher_checkpoint")
     teacher_predictions = evaluator.predictions(teacher_variables)
-  if config.student_init not in ("teacher", "scratch"):
-    raise ValueError(f"config.student_init={config.student_init!r}: 'teacher' or 'scratch'")
   initial = teacher_variables if config.student_init == "teacher" else None
   stage = loop.Stage(
       name="student", config=cfg,

@@ -1,5 +1,6 @@
 """Scalars to WORKDIR/<stage>/metrics.jsonl and TensorBoard event files (tensorboardX, no TF)."""
 import json
+import logging
 import pathlib
 import sys
 from types import ModuleType
@@ -29,12 +30,24 @@ class MetricWriter:
   def __init__(self, directory: pathlib.Path, resume_step: int = 0):
     directory.mkdir(parents=True, exist_ok=True)
     self.path = directory / "metrics.jsonl"
+    self._kept: list[dict] = []
     if self.path.exists():  # lines logged after the last checkpoint will be logged again
-      kept = [l for l in self.path.read_text().splitlines()
-              if l.strip() and json.loads(l)["step"] <= resume_step]
-      self.path.write_text("".join(l + "\n" for l in kept))
+      for line in self.path.read_text().splitlines():
+        try:
+          record = json.loads(line)
+          step = record["step"]
+        except (ValueError, KeyError, TypeError):  # e.g. cut short by a full disk or a crash
+          logging.warning("%s: dropping %r, not a metrics line", self.path, line[:80])
+          continue
+        if step <= resume_step:
+          self._kept.append(record)
+      self.path.write_text("".join(json.dumps(r) + "\n" for r in self._kept))
     self._file = self.path.open("a")
     self._tb = _tensorboardx().SummaryWriter(str(directory))
+
+  def logged(self, step: int, prefix: str) -> bool:
+    """Whether a line kept from before holds `step`'s values of a name starting with `prefix`."""
+    return any(r["step"] == step and any(k.startswith(prefix) for k in r) for r in self._kept)
 
   def write(self, step: int, scalars: dict[str, float]) -> None:
     self._file.write(json.dumps({"step": step, **scalars}) + "\n")
