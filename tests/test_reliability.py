@@ -17,7 +17,7 @@ import optax
 import pytest
 
 from avemo_jax import parallel
-from avemo_jax.train import checkpoint, loop, steps
+from avemo_jax.train import checkpoint, loop, provenance, steps
 from avemo_jax.train import workdir as workdir_lib
 from avemo_jax.train import state as state_lib
 from avemo_jax.train.writer import MetricWriter
@@ -54,14 +54,14 @@ def _config(**overrides):
 
 
 def _train(workdir, cfg, *, poison=True, batches=None, step=_toy_step, before_init=lambda: None,
-           evaluate=lambda s: {}):
+           evaluate=lambda s: {}, trained_from=None):
   examples = grain.MapDataset.range(200).map(
       lambda i: _example(int(i) if poison else int(i) + 1000))
   init = lambda: before_init() or state_lib.create(_Linear(), cfg, jax.random.key(0),
                                                    (jnp.zeros((1, 3)),))
   stage = loop.Stage(name="toy", config=cfg, step=step, step_args=(), init=init,
                      batches=batches or iter(examples.batch(4).to_iter_dataset()),
-                     evaluate=evaluate)
+                     evaluate=evaluate, trained_from=trained_from)
   return loop.train(stage, workdir, max_checkpoints=3,
                     parallel=parallel.DataParallel("jit", devices=jax.devices()[:1]))
 
@@ -229,6 +229,35 @@ def test_a_sigterm_while_a_finished_stage_is_restored_is_not_lost(tmp_path):
   _train(tmp_path, cfg, poison=False, evaluate=evaluate)
   lines = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
   assert [l["step"] for l in lines] == [4, 8, 12, 12] and "eval_norm" in lines[-1]
+
+
+def test_checkpoints_trained_from_other_inputs_are_set_aside(tmp_path, caplog):
+  """A stage resumes only checkpoints trained from the same settings and inputs (here: another
+  teacher); with others they go to stale/ and it trains again, from its first step."""
+  trained_from = lambda teacher: {"seed": 0, "teacher": teacher}
+  _train(tmp_path, _config(), poison=False, trained_from=trained_from("a1"))
+  longer = _config(num_steps=16, log_every=8)  # free to change: resumed from step 12
+  _train(tmp_path, longer, poison=False, trained_from=trained_from("a1"))
+  steps = lambda: [json.loads(l)["step"] for l in (tmp_path / "metrics.jsonl").open()]
+  assert steps() == [4, 8, 12, 12, 16, 16] and not (tmp_path / "stale").exists()
+  _train(tmp_path, longer, poison=False, trained_from=trained_from("b2"))
+  assert "trained from other settings or inputs (teacher: a1 -> b2)" in caplog.text
+  assert steps() == [8, 16, 16]  # from the start
+  assert sorted(p.name for p in (tmp_path / "stale" / "checkpoints").iterdir()) == [
+      "12", "14", "16"]
+  assert json.loads((tmp_path / "stale" / provenance.FILE).read_text())["teacher"] == "a1"
+  assert json.loads((tmp_path / provenance.FILE).read_text())["teacher"] == "b2"
+
+
+def test_stage_settings_leave_out_what_may_change():
+  config, other = fusion.get_config("tiny"), fusion.get_config("tiny")
+  other.teacher.num_steps, other.teacher.learning_rate, other.data.workers = 7, 0.5, 5
+  keys = ("teacher", "model", "data", "seed")
+  assert provenance.settings(other, *keys) == provenance.settings(config, *keys)
+  other.teacher.loss.ce, other.data.image_size = 0.5, 64
+  assert provenance.changes(provenance.settings(config, *keys),
+                            provenance.settings(other, *keys, features="k1")) == [
+      "data.image_size: 80 -> 64", "features: (none) -> k1", "teacher.loss.ce: 1.0 -> 0.5"]
 
 
 def test_a_torn_metrics_line_is_dropped_on_resume(tmp_path):

@@ -20,11 +20,12 @@ import numpy as np
 
 from avemo_jax import metrics, parallel, plots
 from avemo_jax.data import audio_features, pipeline, sequences
-from avemo_jax.train import build, features, loop, steps
+from avemo_jax.train import build, features, loop, provenance, steps
 from avemo_jax.train import state as state_lib
 from avemo_jax.train.checkpoint import load_variables
 
 MODEL_MODALITIES = {"audio": ("audio",), "visual": ("visual",), "fused": ("visual", "audio")}
+_EXTRACTORS = {"visual": "student", "audio": "audio"}  # their fingerprints' names in feature keys
 
 
 def run(config: ml_collections.ConfigDict, workdir: pathlib.Path, summary: dict[str, Any],
@@ -78,7 +79,9 @@ def _audio_stage(config, workdir: pathlib.Path, summary, par, write_summary) -> 
       step_args=(), init=init,
       batches=pipeline.clip_iterator(pipeline.clips(config, "train"), seed=config.seed,
                                      batch=cfg.batch, data=config.data),
-      evaluate=evaluate)
+      evaluate=evaluate,
+      trained_from=provenance.settings(config, "audio", "sequences", "seed", "init.audio",
+                                       "data.source", "data.data_dir"))
   start = time.perf_counter()
   state, result = loop.train(stage, workdir / "audio", config.max_checkpoints, par)
   summary["audio"] = {**result, "train_seconds": round(time.perf_counter() - start, 1)}
@@ -88,8 +91,8 @@ def _audio_stage(config, workdir: pathlib.Path, summary, par, write_summary) -> 
 
 
 def _features(config, workdir: pathlib.Path, student_variables, audio_variables
-              ) -> dict[str, dict[str, np.ndarray]]:
-  """Cached per-frame features of the train and dev recordings."""
+              ) -> tuple[dict[str, dict[str, np.ndarray]], dict[str, Any]]:
+  """Cached per-frame features of the train and dev recordings, and their cache key."""
   seq, size = config.sequences, config.data.image_size
   face = build.face_model(config.model, dtype=config.dtype)
   audio = build.audio_model(config.audio, dtype=config.dtype)
@@ -101,8 +104,8 @@ def _features(config, workdir: pathlib.Path, student_variables, audio_variables
   else:
     data = {"seed": config.seed, "generator": sequences.VERSION, "sequences": seq.to_dict()}
   key = {**data, "image_size": size, "dtype": build.dtype_name(config.dtype),
-         "student": features.fingerprint(student_variables),
-         "audio": features.fingerprint(audio_variables)}
+         _EXTRACTORS["visual"]: features.fingerprint(student_variables),
+         _EXTRACTORS["audio"]: features.fingerprint(audio_variables)}
   out = {}
   for split in ("train", "dev"):
     recordings = pipeline.recordings(config, split)
@@ -111,15 +114,15 @@ def _features(config, workdir: pathlib.Path, student_variables, audio_variables
         lambda r=recordings: features.extract(r, face_fn=face_fn, audio_fn=audio_fn,
                                               batch=seq.feature_batch,
                                               num_threads=config.data.num_threads))
-  return out
+  return out, key
 
 
 def _fusion_stage(config, workdir: pathlib.Path, summary, par, write_summary, student_variables,
                   audio_variables) -> None:
   cfg = config.fusion.train
   start = time.perf_counter()
-  feats = features.standardize(_features(config, workdir, student_variables, audio_variables),
-                               ("visual", "audio"))
+  raw, key = _features(config, workdir, student_variables, audio_variables)
+  feats = features.standardize(raw, ("visual", "audio"))
   summary["fusion_features_seconds"] = round(time.perf_counter() - start, 1)
   logging.info("[fusion] features ready in %.0f s", summary["fusion_features_seconds"])
   dev = feats["dev"]
@@ -149,7 +152,10 @@ def _fusion_stage(config, workdir: pathlib.Path, summary, par, write_summary, st
             model, cfg, jax.random.key(config.seed + 3), build.fusion_inputs(dims)),
         batches=pipeline.chunk_iterator(train["lengths"], seed=config.seed, batch=cfg.batch,
                                         frames=config.fusion.chunk_frames, data=config.data),
-        evaluate=evaluate)
+        evaluate=evaluate,
+        trained_from=provenance.settings(config, "fusion", "seed", features={
+            k: v for k, v in key.items()  # without the extractors of modalities left out
+            if k not in {_EXTRACTORS[m] for m in _EXTRACTORS.keys() - set(modalities)}}))
     began = time.perf_counter()
     _, result = loop.train(stage, workdir / "fusion" / name, config.max_checkpoints, par)
     dev_predictions[name] = result.pop("predictions")

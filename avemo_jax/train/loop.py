@@ -24,6 +24,7 @@ import optax
 
 from avemo_jax import hostmem
 from avemo_jax import parallel as parallel_lib
+from avemo_jax.train import provenance
 from avemo_jax.train import state as state_lib
 from avemo_jax.train.checkpoint import Checkpoints
 from avemo_jax.train.writer import MetricWriter
@@ -40,7 +41,8 @@ class Stage:
   batches are read (when resuming, only traced: the checkpoint has the values).
   `batches` yields this process's share of each global batch. `evaluate(state) -> dict` gets a
   single-device copy of the state and returns scalar metrics (plus anything non-scalar, which is
-  not logged).
+  not logged). `trained_from` (`provenance.settings`): checkpoints trained from anything else
+  are set aside, not resumed.
   """
   name: str
   config: ml_collections.ConfigDict
@@ -49,6 +51,7 @@ class Stage:
   init: Callable[[], state_lib.TrainState]
   batches: grain.DatasetIterator
   evaluate: Callable[[state_lib.TrainState], dict[str, Any]]
+  trained_from: dict[str, Any] | None = None
 
 
 PREFETCH = 2  # batches read (on accelerators: put on the devices) ahead of the step
@@ -194,6 +197,8 @@ def train(stage: Stage, workdir: pathlib.Path, max_checkpoints: int,
   """Trains `stage` to `config.num_steps` from the newest checkpoint in workdir (if any), on
   all devices; a checkpoint written on any number of devices restores onto these."""
   cfg = stage.config
+  if stage.trained_from is not None:
+    provenance.claim(workdir, stage.trained_from)
   checkpoints = Checkpoints(workdir / "checkpoints", max_checkpoints,
                             every_secs=cfg.checkpoint_every_secs)
   # The next batches are read and placed (`DataParallel.batch`) by a thread while the step runs,
@@ -212,6 +217,7 @@ def train(stage: Stage, workdir: pathlib.Path, max_checkpoints: int,
     schedule = state_lib.schedule(cfg)
     skipped = 0  # non-finite steps skipped since this process started the stage
     pending, checked, data_wait, window_start = [], 0, 0.0, time.perf_counter()
+    timed = 0  # steps since window_start (an evaluation restarts the clock, not the window)
     for step in range(start + 1, cfg.num_steps + 1):
       t0 = time.perf_counter()
       batch = next(upcoming)
@@ -225,6 +231,7 @@ def train(stage: Stage, workdir: pathlib.Path, max_checkpoints: int,
       state, metrics = compiled(state, *step_args, batch)
       profile.after(step, (state, metrics))
       pending.append((step, metrics))
+      timed += 1
       last = step == cfg.num_steps
       save = (last or (cfg.checkpoint_every > 0 and step % cfg.checkpoint_every == 0)
               or (step % cfg.log_every == 0 and checkpoints.due(step)))
@@ -240,20 +247,22 @@ def train(stage: Stage, workdir: pathlib.Path, max_checkpoints: int,
         logged = {k: float(np.mean([m[k] for m in good])) for k in good[0] if k != "nonfinite"}
         logged.update(param_norm=float(param_norm(state.params)),
                       learning_rate=float(schedule(step - 1)), skipped_steps=skipped,
-                      steps_per_sec=len(host) / elapsed, data_wait_frac=data_wait / elapsed)
+                      steps_per_sec=timed / elapsed, data_wait_frac=data_wait / elapsed)
         if writer:
           writer.write(step, logged)
-        eta = (cfg.num_steps - step) * elapsed / len(host)
+        eta = (cfg.num_steps - step) * elapsed / timed
         logging.info("[%s] step %d/%d loss %.4f  %.2f steps/s  data wait %.0f%%  ETA %.0fs",
                      stage.name, step, cfg.num_steps, logged["loss"], logged["steps_per_sec"],
                      100 * logged["data_wait_frac"], eta)
         pending, checked, data_wait, window_start = [], 0, 0.0, time.perf_counter()
+        timed = 0
       if cfg.eval_every and step % cfg.eval_every == 0 and not last:
         with hostmem.gc_paused():  # its first call traces the evaluation
           result = _scalars(stage.evaluate(parallel_lib.local(state)), "eval_")
         if writer:
           writer.write(step, result)
-        window_start = time.perf_counter()  # evaluation time is not training throughput
+        # Evaluating is not training: the window's rates count the steps after it.
+        window_start, timed, data_wait = time.perf_counter(), 0, 0.0
       if save or preempted:
         checkpoints.save(step, state, batches)
       if preempted and not last:

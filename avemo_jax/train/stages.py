@@ -14,7 +14,7 @@ import numpy as np
 from avemo_jax import parallel, plots
 from avemo_jax.data import pipeline, synthetic
 from avemo_jax.models import fusion, gru_pallas
-from avemo_jax.train import av_stages, build, loop, steps
+from avemo_jax.train import av_stages, build, features, loop, provenance, steps
 from avemo_jax.train import state as state_lib
 from avemo_jax.train.checkpoint import load_variables
 from avemo_jax.train.evaluation import Evaluator
@@ -166,7 +166,9 @@ def _visual_stages(config: ml_collections.ConfigDict, workdir: pathlib.Path,
                                margins=tuple(cfg.triplet_margins)),
         step_args=(), init=init,
         batches=pipeline.train_iterator(config, "teacher", sources, seed=config.seed),
-        evaluate=lambda s: evaluator(s.variables))
+        evaluate=lambda s: evaluator(s.variables),
+        trained_from=provenance.settings(config, "teacher", "model", "data", "seed",
+                                         "init.face_backbone"))
     start = time.perf_counter()
     state, result = loop.train(stage, workdir / "teacher", config.max_checkpoints, par)
     _finish(workdir, "teacher", result, time.perf_counter() - start, summary, config)
@@ -190,7 +192,9 @@ def _visual_stages(config: ml_collections.ConfigDict, workdir: pathlib.Path,
       init=lambda: state_lib.create(model, cfg, jax.random.fold_in(rng, 1),
                                     build.face_inputs(size), initial),
       batches=pipeline.train_iterator(config, "student", sources, seed=config.seed + 10),
-      evaluate=lambda s: evaluator(s.variables, teacher_predictions))
+      evaluate=lambda s: evaluator(s.variables, teacher_predictions),
+      trained_from=provenance.settings(config, "student", "model", "data", "seed", "student_init",
+                                       teacher=features.fingerprint(teacher_variables)))
   start = time.perf_counter()
   state, result = loop.train(stage, workdir / "student", config.max_checkpoints, par)
   _finish(workdir, "student", result, time.perf_counter() - start, summary, config)
