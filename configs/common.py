@@ -113,6 +113,9 @@ def audio_config(tiny: bool) -> ml_collections.ConfigDict:
   a.width = 0.125 if tiny else 1.0  # conv channel multiplier (1.0 = VGGish)
   a.fc_dim = 64 if tiny else 4096  # the two hidden fully connected layers
   a.embed_dim = 16 if tiny else 128  # the audio embedding fed to fusion
+  # ReLU on the embedding, as the first AudioSet release and torchvggish (the results in the
+  # README); the current AudioSet code has none: False keeps its negative half (init.audio).
+  a.embedding_relu = True
   a.train = schedule_config(tiny, steps=200, lr=3e-4)
   a.train.batch = 16 if tiny else 32  # clips (one 0.96 s log-mel example each) per step
   # term -> weight: "ccc" (1 - CCC over the batch, per dimension) and/or "mse".

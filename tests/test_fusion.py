@@ -84,6 +84,22 @@ def test_vggish_param_count_and_shapes():
     VGGish().init(jax.random.key(0), jnp.zeros((1, 90, 64)))
 
 
+def test_vggish_embedding_relu_and_float32_read_outs():
+  """`embedding_relu=False` is the current AudioSet embedding (fc2 without activation); the
+  embedding and the valence/arousal head stay float32 in a bf16 network."""
+  tiny = dict(width=0.125, fc_dim=32, embed_dim=16)
+  mel = jnp.asarray(np.random.default_rng(0).normal(size=(4, 96, 64)), jnp.float32)
+  variables = jax.jit(VGGish(**tiny).init)(jax.random.key(0), mel)
+  relu, linear = (jax.jit(VGGish(**tiny, embedding_relu=r).apply)(variables, mel)[1]["embedding"]
+                  for r in (True, False))
+  assert float(linear.min()) < 0 and np.array_equal(relu, np.maximum(linear, 0))
+  va, out = jax.jit(VGGish(**tiny, dtype=jnp.bfloat16).apply)(variables, mel)
+  embedding = out["embedding"]
+  assert va.dtype == embedding.dtype == jnp.float32
+  head = variables["params"]["va_head"]
+  np.testing.assert_allclose(va, embedding @ head["kernel"] + head["bias"], rtol=1e-5, atol=1e-6)
+
+
 def test_fusion_param_count():
   x = {"visual": jnp.zeros((1, 5, 128)), "audio": jnp.zeros((1, 5, 128))}
   params = lambda model: jax.eval_shape(

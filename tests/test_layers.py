@@ -56,6 +56,21 @@ def test_conv_equals_flax_conv(kernel, stride, padding, batch, convolutions):
     assert "platform_index" not in jaxpr() and "custom_vjp" not in jaxpr()
 
 
+@pytest.mark.parametrize("kernel,stride,padding", [((3, 3), 1, "SAME"), ((3, 3), 2, "VALID")])
+def test_bfloat16_conv_trains_on_both_cpu_forms(kernel, stride, padding, convolutions):
+  """config.dtype="bfloat16" on a CPU: bf16 products accumulated in float32 (XLA's CPU dot has no
+  bf16 x bf16 -> f32 form); values and gradients are float32 Flax's to bf16 precision."""
+  x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 11, 12, 5)), jnp.float32)
+  ours = layers.Conv(6, kernel, strides=stride, padding=padding, dtype=jnp.bfloat16)
+  flax_conv = nn.Conv(6, kernel, strides=stride, padding=padding)
+  variables = flax_conv.init(jax.random.key(1), x)
+  loss = lambda module: lambda v, x: (module.apply(v, x).astype(jnp.float32) ** 2).sum()
+  ours_grad = jax.jit(jax.grad(loss(ours), argnums=(0, 1)))(variables, x)
+  flax_grad = jax.grad(loss(flax_conv), argnums=(0, 1))(variables, x)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=0.03 * np.abs(b).max()),
+               ours_grad, flax_grad)
+
+
 @pytest.mark.parametrize("images_per_chunk", [1, 2, 4])
 @pytest.mark.parametrize("kernel,stride,padding", [((3, 3), 1, "SAME"), ((3, 3), 2, "VALID")])
 def test_kernel_gradient_in_chunks_of_the_batch(kernel, stride, padding, images_per_chunk,

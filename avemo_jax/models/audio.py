@@ -2,9 +2,12 @@
 
 Layout and names follow the AudioSet release (conv1, conv2, conv3/conv3_1, ...; here flattened
 to `conv3_1`), so pretrained weights map one to one: conv64-pool-conv128-pool-conv256x2-pool-
-conv512x2-pool, fc4096-fc4096-fc128, ReLU everywhere including the embedding, no BatchNorm. The
-flatten is NHWC (the TF order, which torchvggish reproduces by transposing). A linear
-valence/arousal head on the embedding is the clip-level regression target of the audio stage.
+conv512x2-pool, fc4096-fc4096-fc128, no BatchNorm, ReLU after every layer but the embedding's,
+where it is a choice (`embedding_relu`): the first AudioSet release and torchvggish have it, the
+current AudioSet code (`activation_fn=None`: "the pre-activation values") does not. The flatten is
+NHWC (the TF order, which torchvggish reproduces by transposing). A linear valence/arousal head
+on the embedding is the clip-level regression target of the audio stage. The embedding and the
+head are computed in float32 whatever `dtype` (read-outs for the losses and for fusion).
 """
 from typing import Any
 
@@ -28,6 +31,7 @@ class VGGish(nn.Module):
   width: float = 1.0
   fc_dim: int = 4096
   embed_dim: int = 128
+  embedding_relu: bool = True
   dtype: Any = jnp.float32
 
   @nn.compact
@@ -46,6 +50,6 @@ class VGGish(nn.Module):
     x = x.reshape(x.shape[0], -1)  # NHWC flatten: [B, 6 * 4 * C]
     x = nn.relu(nn.Dense(self.fc_dim, dtype=self.dtype, name="fc1_1")(x))
     x = nn.relu(nn.Dense(self.fc_dim, dtype=self.dtype, name="fc1_2")(x))
-    embedding = nn.relu(nn.Dense(self.embed_dim, dtype=self.dtype, name="fc2")(x))
-    va = nn.Dense(2, dtype=self.dtype, name="va_head")(embedding)
-    return va.astype(jnp.float32), {"embedding": embedding.astype(jnp.float32)}
+    embedding = nn.Dense(self.embed_dim, name="fc2")(x.astype(jnp.float32))
+    embedding = nn.relu(embedding) if self.embedding_relu else embedding
+    return nn.Dense(2, name="va_head")(embedding), {"embedding": embedding}

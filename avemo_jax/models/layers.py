@@ -126,8 +126,9 @@ def _kernel_grad(x, dy, window, strides, pads, precision, preferred_element_type
   n = next(n for n in range(1, b + 1)
            if b % n == 0 and (b // n * image_bytes <= _CHUNK_BYTES or n == b))
   accumulate = preferred_element_type or jnp.promote_types(dy.dtype, jnp.float32)
-  product = lambda x, dy: _batch_product(_cols(x, window, strides, pads), dy, precision,
-                                         accumulate)
+  # Operands cast to the accumulator's type: XLA's CPU dot has no bf16 x bf16 -> f32.
+  product = lambda x, dy: _batch_product(_cols(x, window, strides, pads).astype(accumulate),
+                                         dy.astype(accumulate), precision, accumulate)
   if n == 1:
     return product(x, dy)
   xs, dys = (t.reshape(b // n, n, *t.shape[1:]) for t in (x, dy))

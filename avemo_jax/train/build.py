@@ -41,6 +41,7 @@ def face_inputs(size: int) -> tuple[jax.Array]:
 
 def audio_model(a: ml_collections.ConfigDict, *, dtype: str = "float32") -> audio.VGGish:
   return audio.VGGish(width=a.width, fc_dim=a.fc_dim, embed_dim=a.embed_dim,
+                      embedding_relu=a.get("embedding_relu", True),  # workdirs before 12-03
                       dtype=compute_dtype(dtype))
 
 
