@@ -164,8 +164,16 @@ def test_recola_clips_are_the_fusion_stage_windows(recola_data):
                                 recordings.frame(1, 5))
 
 
-def test_recola_feeds_the_fusion_feature_extraction(recola_data):
+def test_recola_feeds_the_fusion_feature_extraction(recola_data, tmp_path):
+  """Also: the prepared variant's fingerprint (in the fusion stage's feature cache key) is
+  another one after another preparation (here: its metadata changed)."""
   root, _, _ = recola_data
+  print_of = lambda data: recola.fingerprint(data, image_size=SIZE, margin=MARGIN)
+  again = shutil.copytree(root / "data", tmp_path / "data")
+  assert print_of(again) == print_of(root / "data") != print_of(tmp_path / "nothing")
+  meta = next(again.rglob("metadata.json"))
+  meta.write_text(meta.read_text() + " ")
+  assert print_of(again) != print_of(root / "data")
   recordings = recola.source(root / "data", "train", image_size=SIZE, margin=MARGIN)
   out = features.extract(recordings, face_fn=lambda x: x.mean(axis=(1, 2)),
                          audio_fn=lambda m: m.mean(axis=1), batch=64)

@@ -13,7 +13,8 @@ stream (`parallel.shard_stream`, after augmentation, which is seeded per example
 its share: together the processes hold exactly the single-process global batch.
 """
 import dataclasses
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import grain
 import ml_collections
@@ -141,14 +142,50 @@ def train_iterator(config: ml_collections.ConfigDict, name: str, sources: Source
 
 
 def _iterator(ds: grain.MapDataset, data: ml_collections.ConfigDict,
-              workers: int | None = None) -> grain.DatasetIterator:
+              workers: int | None = None) -> "Positioned":
   """Batches read by `data.num_threads` threads, in `workers` (default `data.workers`) processes
   (each a slice of the batch indices, merged back in order: the same batches as with none)."""
   options = grain.ReadOptions(num_threads=data.num_threads, prefetch_buffer_size=data.prefetch)
   workers = grain.MultiprocessingOptions(
       num_workers=data.workers if workers is None else workers,
       per_worker_buffer_size=data.prefetch)
-  return iter(ds.to_iter_dataset(options).mp_prefetch(workers))
+  return Positioned(ds, lambda ds: iter(ds.to_iter_dataset(options).mp_prefetch(workers)))
+
+
+class Positioned:
+  """The batches of `ds` as `read(ds)` reads them, whose checkpointed state is the number handed
+  out: batch i depends on i alone, so a run resumes at the same batch whatever reads them
+  (Grain's own state has one form per worker count). By hand: Grain has no such state."""
+
+  def __init__(self, ds: grain.MapDataset, read: Callable[[grain.MapDataset], Iterator]):
+    self._ds, self._read, self._next = ds, read, 0
+    self._batches = read(ds)
+
+  def __iter__(self) -> "Positioned":
+    return self
+
+  def __next__(self) -> Any:
+    batch = next(self._batches)
+    self._next += 1
+    return batch
+
+  def get_state(self) -> dict[str, int]:
+    return {"next_batch": self._next}
+
+  def set_state(self, state: dict[str, Any]) -> None:
+    """Also Grain's states of avemo_jax before 2026-12-03 (one reader, or worker processes)."""
+    if "next_batch" in state:
+      position = state["next_batch"]
+    elif "next_index" in state:
+      position = state["next_index"]
+    else:
+      position = sum(s["next_index"] for s in state["iterators_in_use_states"])
+    self.close()
+    self._next, self._batches = position, self._read(self._ds[position:])
+
+  def close(self) -> None:
+    if hasattr(self._batches, "close"):
+      self._batches.close()
 
 
 def clip_iterator(clips, *, seed: int, batch: int, data: ml_collections.ConfigDict

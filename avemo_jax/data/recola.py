@@ -35,6 +35,7 @@ cannot be decoded, are skipped and counted: the report names the file and the re
 """
 import concurrent.futures
 import functools
+import hashlib
 import json
 import os
 import shutil
@@ -270,6 +271,17 @@ class Recordings:
     example = self._records[self._index(r, t)]
     self._check(example, r, t)
     return tfds_common.decode_jpeg(example["image"])
+
+
+def fingerprint(data_dir, *, image_size: int = 140, margin: float = 0.1) -> str:
+  """A short hash of a prepared variant's dataset_info.json and metadata.json (its splits'
+  sizes, the recordings, the preparation's settings): another preparation has another."""
+  config = tfds_common.crop_config(image_size, margin)
+  path = epath.Path(data_dir) / Recola.name / config.name / str(Recola.VERSION)
+  digest = hashlib.sha1()
+  for name in ("dataset_info.json", "metadata.json"):
+    digest.update((path / name).read_bytes() if (path / name).exists() else b"")
+  return digest.hexdigest()[:16]
 
 
 def source(data_dir, split: str, *, image_size: int = 140, margin: float = 0.1) -> Recordings:

@@ -19,13 +19,14 @@ import ml_collections
 import numpy as np
 
 from avemo_jax import metrics, parallel, plots
-from avemo_jax.data import audio_features, pipeline, sequences
+from avemo_jax.data import audio_features, pipeline, recola, sequences
 from avemo_jax.train import build, features, loop, provenance, steps
 from avemo_jax.train import state as state_lib
 from avemo_jax.train.checkpoint import load_variables
 
 MODEL_MODALITIES = {"audio": ("audio",), "visual": ("visual",), "fused": ("visual", "audio")}
-_EXTRACTORS = {"visual": "student", "audio": "audio"}  # their fingerprints' names in feature keys
+# Per modality, the entries of the feature cache key that describe its extractor.
+_EXTRACTORS = {"visual": ("student",), "audio": ("audio", "embedding_relu")}
 
 
 def run(config: ml_collections.ConfigDict, workdir: pathlib.Path, summary: dict[str, Any],
@@ -100,12 +101,15 @@ def _features(config, workdir: pathlib.Path, student_variables, audio_variables
   audio_fn = jax.jit(lambda x: audio.apply(audio_variables, x)[1]["embedding"])
   if config.data.source == "tfds":
     data = {"data_dir": str(pathlib.Path(config.data.data_dir).resolve()),
-            "crop_margin": config.data.crop_margin}
+            "crop_margin": config.data.crop_margin,
+            "prepared": recola.fingerprint(config.data.data_dir, image_size=size,
+                                           margin=config.data.crop_margin)}
   else:
     data = {"seed": config.seed, "generator": sequences.VERSION, "sequences": seq.to_dict()}
   key = {**data, "image_size": size, "dtype": build.dtype_name(config.dtype),
-         _EXTRACTORS["visual"]: features.fingerprint(student_variables),
-         _EXTRACTORS["audio"]: features.fingerprint(audio_variables)}
+         "student": features.fingerprint(student_variables),
+         "audio": features.fingerprint(audio_variables),
+         "embedding_relu": config.audio.embedding_relu}  # not in the audio weights' fingerprint
   out = {}
   for split in ("train", "dev"):
     recordings = pipeline.recordings(config, split)
@@ -155,7 +159,7 @@ def _fusion_stage(config, workdir: pathlib.Path, summary, par, write_summary, st
         evaluate=evaluate,
         trained_from=provenance.settings(config, "fusion", "seed", features={
             k: v for k, v in key.items()  # without the extractors of modalities left out
-            if k not in {_EXTRACTORS[m] for m in _EXTRACTORS.keys() - set(modalities)}}))
+            if k not in {e for m in _EXTRACTORS.keys() - set(modalities) for e in _EXTRACTORS[m]}}))
     began = time.perf_counter()
     _, result = loop.train(stage, workdir / "fusion" / name, config.max_checkpoints, par)
     dev_predictions[name] = result.pop("predictions")

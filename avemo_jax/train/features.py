@@ -101,10 +101,11 @@ def cached(path: pathlib.Path, key: dict[str, Any], compute: Callable[[], dict[s
     logging.info("features: %s was computed by other extractors or data; recomputing", path)
   start = time.perf_counter()
   arrays = compute()
-  path.parent.mkdir(parents=True, exist_ok=True)
-  tmp = path.with_name(path.name + ".tmp.npz")  # never leave a half-written cache behind
-  np.savez(tmp, key=np.array(key_text), **arrays)
-  tmp.replace(path)
+  if jax.process_index() == 0:  # every process computes them; one writes (a shared workdir)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp.npz")  # never leave a half-written cache behind
+    np.savez(tmp, key=np.array(key_text), **arrays)
+    tmp.replace(path)
   logging.info("features: %s (%d recordings) in %.0f s", path, len(arrays["lengths"]),
                time.perf_counter() - start)
   return arrays
