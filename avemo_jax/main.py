@@ -1,6 +1,7 @@
 """Entry point: python -m avemo_jax.main --config=configs/distill.py[:tiny] [--workdir=DIR]."""
 import json
 import pathlib
+import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -9,6 +10,16 @@ from avemo_jax import parallel, xla_cpu
 from avemo_jax.train import checkpoint, stages
 from avemo_jax.train import workdir as workdir_lib
 
+
+def _configs_importable() -> None:
+  """configs/*.py import `configs.common`: the folder holding the given file's configs/ goes on
+  the path, so that a config loads from any working directory."""
+  for arg in sys.argv[1:]:
+    if arg.startswith("--config="):
+      sys.path.insert(0, str(pathlib.Path(arg[9:].split(":")[0]).resolve().parent.parent))
+
+
+_configs_importable()
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (e.g. configs/distill.py).",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", "workdir", "Directory for checkpoints, metrics and plots.")
@@ -28,6 +39,7 @@ def main(argv: list[str]) -> None:
   with workdir_lib.exclusive(workdir):
     summary = workdir_lib.finished(config, workdir)
     if summary is None:
+      workdir_lib.clear_finished(workdir)
       summary = stages.run(config, workdir)
       workdir_lib.mark_finished(config, workdir, summary)
     else:

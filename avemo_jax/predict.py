@@ -130,6 +130,9 @@ def predict_video(export, path, out=None, *, detector: faces.FaceDetector | None
   OUT/predictions.{csv,png,json}. `detector`, `detect_every`, `smooth`: as tools/prepare_recola.py
   (defaults: its defaults)."""
   start, root, path = time.perf_counter(), pathlib.Path(export), pathlib.Path(path)
+  if detect_every < 1 or not 0 <= smooth < 1 or batch < 1:
+    raise ValueError(f"need detect_every >= 1, 0 <= smooth < 1, batch >= 1; got {detect_every}, "
+                     f"{smooth}, {batch}")
   if (root / exported.MANIFEST).is_file():
     raise ValueError(f"{root} is one exported model; a video needs the whole export directory "
                      "(tools/export.py's --out, holding student/, audio/ and fusion/)")
@@ -257,6 +260,8 @@ def predict_images(export, paths, out=None, *, face_model_name: str = "student",
                    batch: int = BATCH) -> list[dict[str, Any]]:
   """Expression probabilities, feature and embedding of the best face of each image (an
   unreadable one: {"image", "model", "error"}); with `out`, each goes to OUT/<image stem>.json."""
+  if batch < 1:
+    raise ValueError(f"need batch >= 1, got {batch}")
   paths = [pathlib.Path(p) for p in paths]
   stems = [p.stem for p in paths]
   if len(set(stems)) < len(stems):

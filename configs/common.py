@@ -6,6 +6,13 @@ locked, so a misspelt `--config.x.y=...` override or read fails loudly.
 import ml_collections
 
 
+def is_tiny(arg: str | None) -> bool:
+  """The config file's argument (`--config=configs/x.py:tiny`): "tiny", or none for full size."""
+  if arg not in (None, "", "tiny"):
+    raise ValueError(f"config argument {arg!r}: 'tiny' (configs/x.py:tiny) or none (full size)")
+  return arg == "tiny"
+
+
 def data_config(tiny: bool) -> ml_collections.ConfigDict:
   d = ml_collections.ConfigDict()
   # "synthetic" (embedded, generated) or "tfds": AffectNet, FEC, unlabelled faces and RECOLA

@@ -13,7 +13,7 @@ from configs import common
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  tiny = arg == "tiny"
+  tiny = common.is_tiny(arg)
   config = common.base_config(tiny)
   config.stages = ("teacher", "student")
   config.student.batch_faces = 8  # + 4 triplets (12 faces) + 8 unlabelled: 28 faces a step

@@ -10,7 +10,7 @@ from configs import common
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  config = common.base_config(tiny=arg == "tiny")
+  config = common.base_config(common.is_tiny(arg))
   config.stages = ("teacher",)
   config.lock()
   return config

@@ -15,7 +15,7 @@ from avemo_jax.data import affectnet, faces, media, recola_files
 from avemo_jax.train import build, stages
 from avemo_jax.train import state as state_lib
 from avemo_jax.train.checkpoint import Checkpoints, load_variables
-from configs import fusion
+from configs import fusion, teacher
 
 SUMMARY = '{"teacher": {"acc8": 0.5}}'
 
@@ -152,6 +152,10 @@ CASES = {
     "missing student checkpoint": (_run(stages=("audio", "fusion"),
                                         student_checkpoint="/nowhere/studnet"),
                                    FileNotFoundError, r"config.student_checkpoint=/nowhere/studnet"),
+    "config argument misspelt": (lambda tmp: teacher.get_config("Tiny"), ValueError,
+                                 r"config argument 'Tiny': 'tiny'"),
+    "missing converted VGGish": (_run(**{"init.audio": "/nowhere/vggish"}), FileNotFoundError,
+                                 r"config.init.audio=/nowhere/vggish: no conversion.json"),
     "truncated image": (_truncated_jpeg, ValueError, r"face.jpg"),
     "undecodable audio": (_garbage_audio, ValueError, r"voice.wav"),
     "video without faces": (_no_face_video, ValueError, r"talk_3.mp4"),

@@ -205,6 +205,8 @@ def test_refusals(root, tmp_path):
   mf.write_video(video, (mf.background(160, 120) for _ in range(12)), 25)
   with pytest.raises(ValueError, match="one exported model"):
     predict.predict_video(root / "student", video)
+  with pytest.raises(ValueError, match="need detect_every >= 1.* got 0"):
+    predict.predict_video(root, video, detect_every=0)
   with pytest.raises(ValueError, match=f"{video}: no face found in any of its"):
     predict.predict_video(root, video)
   broken = tmp_path / "broken.mp4"

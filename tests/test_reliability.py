@@ -233,7 +233,8 @@ def test_a_sigterm_while_a_finished_stage_is_restored_is_not_lost(tmp_path):
 
 def test_checkpoints_trained_from_other_inputs_are_set_aside(tmp_path, caplog):
   """A stage resumes only checkpoints trained from the same settings and inputs (here: another
-  teacher); with others they go to stale/ and it trains again, from its first step."""
+  teacher); with others they go to stale/<n>/ and it trains again, from its first step, or takes
+  back the training of these settings set aside before."""
   trained_from = lambda teacher: {"seed": 0, "teacher": teacher}
   _train(tmp_path, _config(), poison=False, trained_from=trained_from("a1"))
   longer = _config(num_steps=16, log_every=8)  # free to change: resumed from step 12
@@ -243,10 +244,15 @@ def test_checkpoints_trained_from_other_inputs_are_set_aside(tmp_path, caplog):
   _train(tmp_path, longer, poison=False, trained_from=trained_from("b2"))
   assert "trained from other settings or inputs (teacher: a1 -> b2)" in caplog.text
   assert steps() == [8, 16, 16]  # from the start
-  assert sorted(p.name for p in (tmp_path / "stale" / "checkpoints").iterdir()) == [
+  assert sorted(p.name for p in (tmp_path / "stale" / "1" / "checkpoints").iterdir()) == [
       "12", "14", "16"]
-  assert json.loads((tmp_path / "stale" / provenance.FILE).read_text())["teacher"] == "a1"
+  assert json.loads((tmp_path / "stale" / "1" / provenance.FILE).read_text())["teacher"] == "a1"
   assert json.loads((tmp_path / provenance.FILE).read_text())["teacher"] == "b2"
+  _train(tmp_path, _config(num_steps=20, log_every=4), poison=False,
+         trained_from=trained_from("a1"))  # a1's training back, resumed at 16; b2's aside
+  assert steps() == [4, 8, 12, 12, 16, 16, 20, 20]
+  assert sorted(p.name for p in (tmp_path / "stale").iterdir()) == ["2"]
+  assert json.loads((tmp_path / "stale" / "2" / provenance.FILE).read_text())["teacher"] == "b2"
 
 
 def test_stage_settings_leave_out_what_may_change():

@@ -1,4 +1,5 @@
-"""The face detector's command-line flags, shared by the prepare tools that detect faces."""
+"""The face detector's command-line flags, shared by the prepare tools that detect faces (each
+adopts them, `flags.adopt_module_key_flags`, so that they show in its --help)."""
 from absl import flags
 
 _CASCADE = flags.DEFINE_string("cascade", "haarcascade_frontalface_alt2.xml",

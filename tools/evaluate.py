@@ -31,6 +31,8 @@ _FEATURES = flags.DEFINE_string("features_from", None, "Fusion models: a trainin
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  if _DATA.value == "tfds" and not _DATA_DIR.value:
+    raise app.UsageError("--data=tfds needs --data_dir=DIR (tools/prepare_*.py's --data_dir)")
   xla_cpu.prepare()  # as avemo_jax.main
   compile_cache.use()  # the main job's cache: the next run loads the models compiled
   out = _OUT.value or str(pathlib.Path(_EXPORT.value) / "evaluation")

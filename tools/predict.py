@@ -39,6 +39,7 @@ _DETECT_EVERY = flags.DEFINE_integer("detect_every", 1, "--video: detect on ever
 _SMOOTH = flags.DEFINE_float("smooth", 0.0, "--video: box smoothing, 0 <= a < 1 (box = a * "
                              "previous + (1 - a) * detection).")
 _BATCH = flags.DEFINE_integer("batch", predict.BATCH, "Frames or images per network call.")
+flags.adopt_module_key_flags(detector_flags)  # in --help
 
 
 def _video(detector: faces.FaceDetector) -> None:

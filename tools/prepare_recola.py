@@ -43,6 +43,7 @@ _DETECT_EVERY = flags.DEFINE_integer("detect_every", 1, "Run the face detector o
                                      "frame only, carrying the box in between (speed).")
 _SMOOTH = flags.DEFINE_float("smooth", 0.0, "0 follows each detection; a in (0, 1) keeps "
                              "a * previous box + (1 - a) * detection (steadier crops).")
+flags.adopt_module_key_flags(detector_flags)  # in --help
 
 
 def main(argv):

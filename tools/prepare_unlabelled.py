@@ -27,6 +27,7 @@ _MARGIN = flags.DEFINE_float("margin", 0.1, "Crop side = box side * (1 + 2 * mar
 _QUALITY = flags.DEFINE_integer("jpeg_quality", 95, "JPEG quality of the stored crops.")
 _WORKERS = flags.DEFINE_integer("num_workers", os.cpu_count() or 1,
                                 "Processes decoding images and detecting faces (0: none).")
+flags.adopt_module_key_flags(detector_flags)  # in --help
 
 
 def main(argv):

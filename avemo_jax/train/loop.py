@@ -212,6 +212,10 @@ def train(stage: Stage, workdir: pathlib.Path, max_checkpoints: int,
   with (closing(stage.batches), contextlib.closing(batches), contextlib.closing(profile),
         _sigterm_flag() as sigterm):
     state, start, step_args, compiled, upcoming = _start_up(stage, parallel, checkpoints, batches)
+    if cfg.profile_steps and cfg.profile_first > cfg.num_steps - start:
+      logging.warning("[%s] no profile: it would start at the %d-th step this process runs "
+                      "(profile_first), and it runs %d", stage.name, cfg.profile_first,
+                      cfg.num_steps - start)
     main = parallel_lib.is_main_process()
     writer = MetricWriter(workdir, resume_step=start) if main else None
     schedule = state_lib.schedule(cfg)

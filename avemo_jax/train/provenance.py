@@ -3,14 +3,15 @@
 A stage resumes its checkpoints only when it would train from the same things: the config that
 shapes what it learns (its section, the model, the data, the seed) and what earlier stages hand
 it (the teacher's weights, the extracted features). Otherwise those checkpoints belong to another
-run (a longer teacher, other loss weights): they are moved to WORKDIR/<stage>/stale/, with a
-warning naming what changed, and the stage trains again. Bookkeeping, the schedule's length and
-the optimizer settings (which a resumed stage takes from its config) may change between runs.
+run (a longer teacher, other loss weights): they are moved to WORKDIR/<stage>/stale/<n>/, with a
+warning naming what changed, and the stage trains again, or takes back a training set aside
+earlier from exactly these settings and inputs (a run with other loss weights, then the first
+ones again). Nothing trained is deleted. Bookkeeping, the schedule's length and the optimizer
+settings (which a resumed stage takes from its config) may change between runs.
 """
 import json
 import logging
 import pathlib
-import shutil
 from typing import Any
 
 import jax
@@ -60,22 +61,47 @@ def changes(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
           for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
 
 
+def _set_aside(directory: pathlib.Path) -> pathlib.Path:
+  """Moves the stage's outputs to the next free stale/<n>/ and returns it."""
+  n = 1
+  while (directory / STALE / str(n)).exists():
+    n += 1
+  aside = directory / STALE / str(n)
+  aside.mkdir(parents=True)
+  for name in (*_OUTPUTS, FILE, *(p.name for p in directory.glob("events.out.tfevents*"))):
+    if (directory / name).exists():
+      (directory / name).rename(aside / name)
+  return aside
+
+
+def _take_back(directory: pathlib.Path, aside: pathlib.Path) -> None:
+  for item in aside.iterdir():
+    item.rename(directory / item.name)
+  aside.rmdir()
+
+
 def claim(directory: pathlib.Path, trained_from: dict[str, Any]) -> None:
-  """Before `directory`'s stage starts: set aside checkpoints trained from anything else than
-  `trained_from`, and record it. A stage trained before this record existed is taken as is."""
+  """Before `directory`'s stage starts: sets aside checkpoints trained from anything else than
+  `trained_from` (taking back ones that were), and records it. A stage trained before this record
+  existed is taken as is."""
   path = directory / FILE
   recorded = json.loads(path.read_text()) if path.exists() else None
-  differ = recorded is not None and recorded != trained_from
-  if parallel.is_main_process():
-    if differ and (directory / "checkpoints").exists():
-      stale = directory / STALE
-      shutil.rmtree(stale, ignore_errors=True)
-      stale.mkdir()
-      for name in (*_OUTPUTS, FILE, *(p.name for p in directory.glob("events.out.tfevents*"))):
-        if (directory / name).exists():
-          (directory / name).rename(stale / name)
-      logging.warning("%s was trained from other settings or inputs (%s): kept in %s; training "
-                      "it again", directory, "; ".join(changes(recorded, trained_from)[:6]), stale)
+  if parallel.is_main_process() and recorded is not None and recorded != trained_from:
+    checkpoints = directory / "checkpoints"
+    if checkpoints.is_dir() and any(checkpoints.iterdir()):
+      aside = _set_aside(directory)
+      logging.warning("%s was trained from other settings or inputs (%s): kept in %s", directory,
+                      "; ".join(changes(recorded, trained_from)[:6]), aside)
+    else:  # a run that stopped before its first checkpoint
+      path.unlink()
+    earlier = sorted((directory / STALE).iterdir()) if (directory / STALE).is_dir() else []
+    match = next((d for d in earlier if (d / FILE).exists()
+                  and json.loads((d / FILE).read_text()) == trained_from), None)
+    if match is not None:
+      _take_back(directory, match)
+      logging.warning("%s: taking back its training from these settings and inputs, from %s",
+                      directory, match)
+  if parallel.is_main_process() and not path.exists():
     directory.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(trained_from, indent=1) + "\n")

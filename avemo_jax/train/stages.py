@@ -113,6 +113,11 @@ def _validate(config: ml_collections.ConfigDict) -> None:
     for key in ("batch_faces", "batch_triplets", "batch_unlabelled", "batch"):
       if run in config.stages and key in stage and (stage[key] or key != "batch_unlabelled"):
         parallel.process_batch(stage[key], f"{name}.{key}")
+  for key, stage in (("face_backbone", "teacher"), ("audio", "audio")):
+    path = config.init[key]
+    if path and stage in config.stages and not (pathlib.Path(path) / "conversion.json").is_file():
+      raise FileNotFoundError(f"config.init.{key}={path}: no conversion.json there; give the --out "
+                              f"of tools/convert_{'facenet' if stage == 'teacher' else 'vggish'}.py")
   if config.max_checkpoints < 1:
     raise ValueError(f"config.max_checkpoints={config.max_checkpoints}: keep at least 1 per stage "
                      "(the last one is what a later stage and tools/export.py read)")

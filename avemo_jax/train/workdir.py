@@ -65,3 +65,10 @@ def mark_finished(config: ml_collections.ConfigDict, workdir: pathlib.Path,
     tmp = workdir / (_DONE + ".tmp")
     tmp.write_text(json.dumps({"config": _key(config), "summary": summary}, indent=1))
     tmp.replace(workdir / _DONE)
+
+
+def clear_finished(workdir: pathlib.Path) -> None:
+  """A run that starts in workdir: an earlier run's mark no longer holds (its stages may be set
+  aside, `provenance`)."""
+  if parallel.is_main_process():
+    (workdir / _DONE).unlink(missing_ok=True)
