@@ -9,8 +9,9 @@ file and sha256, key counts, what was ignored), and prints the latter. Train fro
 """
 import json
 
-from absl import app, flags
+from absl import flags
 
+import cli  # tools/, next to this file
 from avemo_jax.models import convert, inception_resnet
 
 _INPUT = flags.DEFINE_string("input", None, "facenet-pytorch state dict (.pt).", required=True)
@@ -27,4 +28,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -9,8 +9,9 @@ post-processing parameters, if the file has them), and prints the latter. Train 
 """
 import json
 
-from absl import app, flags
+from absl import flags
 
+import cli  # tools/, next to this file
 from avemo_jax.models import convert
 
 _INPUT = flags.DEFINE_string("input", None, "torchvggish state dict (.pth).", required=True)
@@ -24,4 +25,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

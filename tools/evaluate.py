@@ -13,6 +13,7 @@ import pathlib
 
 from absl import app, flags
 
+import cli  # tools/, next to this file
 from avemo_jax import compile_cache, export_eval, xla_cpu
 
 __doc__ += "\n" + export_eval.__doc__
@@ -47,4 +48,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

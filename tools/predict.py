@@ -14,11 +14,11 @@ visual-only fusion model, with a note. Images: prints each image's most likely e
 writes OUT_DIR/<image stem>.json (probabilities, logits, 128-d feature, embedding, face box).
 """
 import pathlib
-import sys
 
 from absl import app, flags
 
-import detector_flags  # tools/, next to this file
+import cli  # tools/, next to this file
+import detector_flags
 
 from avemo_jax import compile_cache, predict, xla_cpu
 from avemo_jax.data import faces
@@ -76,14 +76,11 @@ def main(argv):
   if bool(_VIDEO.value) == bool(_IMAGES.value):
     raise app.UsageError("give either --video=FILE or --image=FILE (repeatable)")
   detector = faces.FaceDetector(**detector_flags.options())
-  try:
-    if _VIDEO.value:
-      _video(detector)
-    else:
-      _images(detector)
-  except (FileNotFoundError, ValueError) as e:
-    sys.exit(f"error: {e}")
+  if _VIDEO.value:
+    _video(detector)
+  else:
+    _images(detector)
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

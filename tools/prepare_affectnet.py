@@ -12,8 +12,9 @@ avemo_jax.data.affectnet.source(DATA_DIR, "train"|"test", num_classes=8|7, ...).
 import os
 import sys
 
-from absl import app, flags
+from absl import flags
 
+import cli  # tools/, next to this file
 from avemo_jax.data import affectnet, tfds_common
 
 __doc__ += "\n" + affectnet.__doc__  # --help shows where the files go
@@ -42,4 +43,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -17,6 +17,7 @@ import sys
 
 from absl import app, flags
 
+import cli  # tools/, next to this file
 from avemo_jax.data import fec, tfds_common
 
 __doc__ += "\n" + fec.__doc__  # --help shows where the files go
@@ -62,4 +63,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -23,9 +23,10 @@ the frame height (~36 min). More cores: one worker per core, up to one per recor
 import os
 import sys
 
-from absl import app, flags
+from absl import flags
 
-import detector_flags  # tools/, next to this file
+import cli  # tools/, next to this file
+import detector_flags
 
 from avemo_jax.data import recola
 
@@ -59,4 +60,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

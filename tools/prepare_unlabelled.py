@@ -11,9 +11,10 @@ Read it with avemo_jax.data.unlabelled.source(DATA_DIR, ...).
 import os
 import sys
 
-from absl import app, flags
+from absl import flags
 
-import detector_flags  # tools/, next to this file
+import cli  # tools/, next to this file
+import detector_flags
 
 from avemo_jax.data import unlabelled
 
@@ -42,4 +43,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -326,6 +326,9 @@ def prepare(builder, manual_dir) -> tuple[dict, bool]:
   """Runs `builder` on `manual_dir` unless already prepared; (report, newly prepared).
   `builder.pool` (worker processes or None) serves all its splits and is shut down here."""
   fresh = not builder.is_prepared()
+  if fresh and not os.path.isdir(manual_dir):
+    raise FileNotFoundError(f"--manual_dir={manual_dir}: no such folder; give the folder of the "
+                            "downloaded data set (see the builder's docstring for its layout)")
   if fresh:
     try:
       builder.download_and_prepare(
