@@ -45,7 +45,7 @@ def settings(config: ml_collections.ConfigDict, *keys: str, **inputs: Any) -> di
     for part in key.split("."):
       value = value[part]
     out[key] = free_of(value)
-  return {**out, **inputs}
+  return json.loads(json.dumps({**out, **inputs}))  # as read back from the file (tuples: lists)
 
 
 def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
