@@ -29,6 +29,11 @@ MODEL_MODALITIES = {"audio": ("audio",), "visual": ("visual",), "fused": ("visua
 _EXTRACTORS = {"visual": ("student",), "audio": ("audio", "embedding_relu")}
 
 
+def _unused_extractors(modalities: tuple[str, ...]) -> set[str]:
+  """The feature key's entries that a model of `modalities` does not read."""
+  return {entry for m, entries in _EXTRACTORS.items() if m not in modalities for entry in entries}
+
+
 def run(config: ml_collections.ConfigDict, workdir: pathlib.Path, summary: dict[str, Any],
         student_variables: dict[str, Any] | None, par: parallel.DataParallel,
         write_summary: Callable) -> None:
@@ -158,8 +163,7 @@ def _fusion_stage(config, workdir: pathlib.Path, summary, par, write_summary, st
                                         frames=config.fusion.chunk_frames, data=config.data),
         evaluate=evaluate,
         trained_from=provenance.settings(config, "fusion", "seed", features={
-            k: v for k, v in key.items()  # without the extractors of modalities left out
-            if k not in {e for m in _EXTRACTORS.keys() - set(modalities) for e in _EXTRACTORS[m]}}))
+            k: v for k, v in key.items() if k not in _unused_extractors(modalities)}))
     began = time.perf_counter()
     _, result = loop.train(stage, workdir / "fusion" / name, config.max_checkpoints, par)
     dev_predictions[name] = result.pop("predictions")
