@@ -6,7 +6,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from avemo_jax import parallel, xla_cpu
+from avemo_jax import cli, parallel, xla_cpu
 from avemo_jax.train import checkpoint, stages
 from avemo_jax.train import workdir as workdir_lib
 
@@ -49,4 +49,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -216,6 +216,13 @@ def test_resume_equals_uninterrupted(tmp_path):
   resumed = stages.run(config, tmp_path / "cut")
   drop = lambda s: {k: v for k, v in s["teacher"].items() if k != "train_seconds"}
   assert drop(resumed) == drop(whole)
+  # train_seconds: both runs' time to the last step (the first run's to step 4 is in that
+  # checkpoint); a run that only re-evaluates the finished stage keeps it.
+  saved = Checkpoints(ckpts, 2)
+  first_run, both = saved.train_seconds(4), saved.train_seconds(8)
+  saved.close()
+  assert 0 < first_run < both == resumed["teacher"]["train_seconds"]
+  assert stages.run(config, tmp_path / "cut")["teacher"]["train_seconds"] == both
   read = lambda d: [json.loads(l) for l in (d / "teacher" / "metrics.jsonl").read_text().splitlines()]
   losses = lambda d: [l["loss"] for l in read(d) if "loss" in l]
   assert losses(tmp_path / "cut") == losses(tmp_path / "whole")

@@ -11,7 +11,7 @@ import json
 
 from absl import flags
 
-import cli  # tools/, next to this file
+from avemo_jax import cli
 from avemo_jax.models import convert, inception_resnet
 
 _INPUT = flags.DEFINE_string("input", None, "facenet-pytorch state dict (.pt).", required=True)

@@ -13,8 +13,7 @@ import pathlib
 
 from absl import app, flags
 
-import cli  # tools/, next to this file
-from avemo_jax import compile_cache, export_eval, xla_cpu
+from avemo_jax import cli, compile_cache, export_eval, xla_cpu
 
 __doc__ += "\n" + export_eval.__doc__
 

@@ -13,8 +13,7 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
-import cli  # tools/, next to this file
-from avemo_jax import export
+from avemo_jax import cli, export
 from avemo_jax.train import checkpoint
 
 # The configs import each other as `configs.<name>`: the repository root must be importable, as

@@ -17,10 +17,9 @@ import pathlib
 
 from absl import app, flags
 
-import cli  # tools/, next to this file
 import detector_flags
 
-from avemo_jax import compile_cache, predict, xla_cpu
+from avemo_jax import cli, compile_cache, predict, xla_cpu
 from avemo_jax.data import faces
 
 __doc__ += "\n" + predict.__doc__

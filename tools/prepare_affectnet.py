@@ -14,7 +14,7 @@ import sys
 
 from absl import flags
 
-import cli  # tools/, next to this file
+from avemo_jax import cli
 from avemo_jax.data import affectnet, tfds_common
 
 __doc__ += "\n" + affectnet.__doc__  # --help shows where the files go

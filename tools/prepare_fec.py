@@ -17,7 +17,7 @@ import sys
 
 from absl import app, flags
 
-import cli  # tools/, next to this file
+from avemo_jax import cli
 from avemo_jax.data import fec, tfds_common
 
 __doc__ += "\n" + fec.__doc__  # --help shows where the files go

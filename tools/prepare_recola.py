@@ -25,9 +25,9 @@ import sys
 
 from absl import flags
 
-import cli  # tools/, next to this file
 import detector_flags
 
+from avemo_jax import cli
 from avemo_jax.data import recola
 
 __doc__ += "\n" + recola.__doc__  # --help shows where the files go

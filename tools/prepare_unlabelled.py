@@ -13,9 +13,9 @@ import sys
 
 from absl import flags
 
-import cli  # tools/, next to this file
 import detector_flags
 
+from avemo_jax import cli
 from avemo_jax.data import unlabelled
 
 __doc__ += "\n" + unlabelled.__doc__

@@ -88,9 +88,7 @@ def _audio_stage(config, workdir: pathlib.Path, summary, par, write_summary) -> 
       evaluate=evaluate,
       trained_from=provenance.settings(config, "audio", "sequences", "seed", "init.audio",
                                        "data.source", "data.data_dir"))
-  start = time.perf_counter()
-  state, result = loop.train(stage, workdir / "audio", config.max_checkpoints, par)
-  summary["audio"] = {**result, "train_seconds": round(time.perf_counter() - start, 1)}
+  state, summary["audio"] = loop.train(stage, workdir / "audio", config.max_checkpoints, par)
   write_summary(workdir, summary)
   logging.info("[audio] dev clips %s", summary["audio"])
   return parallel.local(state.variables)
@@ -164,10 +162,9 @@ def _fusion_stage(config, workdir: pathlib.Path, summary, par, write_summary, st
         evaluate=evaluate,
         trained_from=provenance.settings(config, "fusion", "seed", features={
             k: v for k, v in key.items() if k not in _unused_extractors(modalities)}))
-    began = time.perf_counter()
     _, result = loop.train(stage, workdir / "fusion" / name, config.max_checkpoints, par)
     dev_predictions[name] = result.pop("predictions")
-    report[name] = {**result, "train_seconds": round(time.perf_counter() - began, 1)}
+    report[name] = result
     logging.info("[fusion/%s] dev %s", name, {k: round(v, 4) for k, v in result.items()})
   gaps = dev_gaps(config)
   plot_dir = workdir / "fusion" / "plots"

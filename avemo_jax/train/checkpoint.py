@@ -85,11 +85,18 @@ class Checkpoints:
     process gets the same answer (a barrier when there are several: call it on the same steps)."""
     return self.every_secs > 0 and self.manager.should_save(step)
 
-  def save(self, step: int, state: TrainState, iterator: grain.DatasetIterator | None) -> None:
+  def save(self, step: int, state: TrainState, iterator: grain.DatasetIterator | None,
+           train_seconds: float = 0.0) -> None:
+    """`train_seconds`: the stage's training so far (all runs), kept in the step's metadata."""
     items = {"state": ocp.args.PyTreeSave(state)}
     if iterator is not None:
       items["data"] = ocp.args.JsonSave(iterator.get_state())
-    self.manager.save(step, args=ocp.args.Composite(**items), force=True)  # the caller decided
+    self.manager.save(step, args=ocp.args.Composite(**items), force=True,  # the caller decided
+                      custom_metadata={"train_seconds": round(train_seconds, 1)})
+
+  def train_seconds(self, step: int) -> float:
+    """The `train_seconds` saved with `step` (0 for checkpoints written before 2026-12-03)."""
+    return float((self.manager.metadata(step).custom_metadata or {}).get("train_seconds", 0.0))
 
   def restore(self, state: Any, iterator: grain.DatasetIterator | None,
               step: int | None = None, *, partial: bool = False) -> Any:

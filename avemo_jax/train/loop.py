@@ -195,7 +195,10 @@ def _start_up(stage: Stage, parallel: parallel_lib.DataParallel, checkpoints: Ch
 def train(stage: Stage, workdir: pathlib.Path, max_checkpoints: int,
           parallel: parallel_lib.DataParallel) -> tuple[state_lib.TrainState, dict[str, Any]]:
   """Trains `stage` to `config.num_steps` from the newest checkpoint in workdir (if any), on
-  all devices; a checkpoint written on any number of devices restores onto these."""
+  all devices; a checkpoint written on any number of devices restores onto these. Returns the
+  state and the final evaluation, with "train_seconds": the wall time of the stage up to its
+  last step (start-up, steps, evaluations, checkpoints) summed over the runs that trained it."""
+  began = time.perf_counter()
   cfg = stage.config
   if stage.trained_from is not None:
     provenance.claim(workdir, stage.trained_from)
@@ -212,6 +215,8 @@ def train(stage: Stage, workdir: pathlib.Path, max_checkpoints: int,
   with (closing(stage.batches), contextlib.closing(batches), contextlib.closing(profile),
         _sigterm_flag() as sigterm):
     state, start, step_args, compiled, upcoming = _start_up(stage, parallel, checkpoints, batches)
+    before = checkpoints.train_seconds(start) if start else 0.0  # the runs before this one
+    train_seconds = before  # to the newest checkpoint (the last step always writes one)
     if cfg.profile_steps and cfg.profile_first > cfg.num_steps - start:
       logging.warning("[%s] no profile: it would start at the %d-th step this process runs "
                       "(profile_first), and it runs %d", stage.name, cfg.profile_first,
@@ -268,7 +273,8 @@ def train(stage: Stage, workdir: pathlib.Path, max_checkpoints: int,
         # Evaluating is not training: the window's rates count the steps after it.
         window_start, timed, data_wait = time.perf_counter(), 0, 0.0
       if save or preempted:
-        checkpoints.save(step, state, batches)
+        train_seconds = before + time.perf_counter() - began
+        checkpoints.save(step, state, batches, train_seconds)
       if preempted and not last:
         _preempted(stage, step, workdir, checkpoints, writer)
     if sigterm.is_set():  # in the last step, or while a finished stage was restored
@@ -280,7 +286,7 @@ def train(stage: Stage, workdir: pathlib.Path, max_checkpoints: int,
     if not (start >= cfg.num_steps and writer.logged(cfg.num_steps, "eval_")):  # not again
       writer.write(cfg.num_steps, _scalars(final, "eval_"))
     writer.close()
-  return state, final
+  return state, {**final, "train_seconds": round(train_seconds, 1)}
 
 
 def _preempted(stage: Stage, step: int, workdir: pathlib.Path, checkpoints: Checkpoints,

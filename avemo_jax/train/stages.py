@@ -4,7 +4,6 @@ import functools
 import json
 import logging
 import pathlib
-import time
 from typing import Any
 
 import jax
@@ -39,13 +38,12 @@ def _write_summary(workdir: pathlib.Path, summary: dict[str, Any],
   _write_json(workdir / "summary.json", summary)
 
 
-def _finish(workdir: pathlib.Path, name: str, result: dict[str, Any], seconds: float,
-            summary: dict[str, Any], config: ml_collections.ConfigDict) -> None:
+def _finish(workdir: pathlib.Path, name: str, result: dict[str, Any], summary: dict[str, Any],
+            config: ml_collections.ConfigDict) -> None:
   if parallel.is_main_process():
     plots.confusion_matrix_png(np.asarray(result["confusion"]), synthetic.EXPRESSIONS,
                                workdir / name / "confusion.png", f"{name}: held-out faces")
   summary[name] = {k: v for k, v in result.items() if k != "predictions"}
-  summary[name]["train_seconds"] = round(seconds, 1)
   _write_summary(workdir, summary, config)
   logging.info("[%s] %s", name, {k: round(v, 4) for k, v in summary[name].items()
                                   if isinstance(v, float)})
@@ -136,6 +134,15 @@ def _validate(config: ml_collections.ConfigDict) -> None:
     raise ValueError(f"config.data.source={config.data.source!r}, config.data.data_dir="
                      f"{config.data.data_dir!r}: 'synthetic', or 'tfds' with the --data_dir of "
                      "tools/prepare_*.py")
+  if config.data.source == "tfds":  # each prepared data set the stages read, before any trains
+    if config.data.affectnet_classes != config.model.num_classes:
+      raise ValueError(f"config.data.affectnet_classes={config.data.affectnet_classes} but "
+                       f"config.model.num_classes={config.model.num_classes}: set them equal")
+    if {"teacher", "student"} & set(config.stages):
+      pipeline.make_sources(config.data, config.seed)
+    if {"audio", "fusion"} & set(config.stages):
+      for split in ("train", "dev"):
+        pipeline.recordings(config, split)
 
 
 def _visual_stages(config: ml_collections.ConfigDict, workdir: pathlib.Path,
@@ -144,9 +151,6 @@ def _visual_stages(config: ml_collections.ConfigDict, workdir: pathlib.Path,
   """Teacher, then student; returns the student's variables (single-device) when the student
   stage ran."""
   size = config.data.image_size
-  if config.data.source == "tfds" and config.data.affectnet_classes != config.model.num_classes:
-    raise ValueError(f"config.data.affectnet_classes={config.data.affectnet_classes} but "
-                     f"config.model.num_classes={config.model.num_classes}: set them equal")
   if parallel.is_main_process() and config.data.source == "synthetic":
     synthetic.save_sample_grid(workdir / "sample_faces.png", seed=config.seed, size=size)
   sources = pipeline.make_sources(config.data, config.seed)
@@ -174,9 +178,8 @@ def _visual_stages(config: ml_collections.ConfigDict, workdir: pathlib.Path,
         evaluate=lambda s: evaluator(s.variables),
         trained_from=provenance.settings(config, "teacher", "model", "data", "seed",
                                          "init.face_backbone"))
-    start = time.perf_counter()
     state, result = loop.train(stage, workdir / "teacher", config.max_checkpoints, par)
-    _finish(workdir, "teacher", result, time.perf_counter() - start, summary, config)
+    _finish(workdir, "teacher", result, summary, config)
     teacher_variables, teacher_predictions = parallel.local(state.variables), result["predictions"]
 
   if "student" not in config.stages:
@@ -200,7 +203,6 @@ def _visual_stages(config: ml_collections.ConfigDict, workdir: pathlib.Path,
       evaluate=lambda s: evaluator(s.variables, teacher_predictions),
       trained_from=provenance.settings(config, "student", "model", "data", "seed", "student_init",
                                        teacher=features.fingerprint(teacher_variables)))
-  start = time.perf_counter()
   state, result = loop.train(stage, workdir / "student", config.max_checkpoints, par)
-  _finish(workdir, "student", result, time.perf_counter() - start, summary, config)
+  _finish(workdir, "student", result, summary, config)
   return parallel.local(state.variables)
