@@ -140,8 +140,10 @@ def test_facenet_cut_ignores_the_rest_and_names_mismatches(facenet_torch):
                                 state_dict["mixed_7a.branch2.1.bn.running_var"])
   with pytest.raises(ValueError, match=r"(?s)465 shapes differ, 0 missing, 0 unexpected\. .*"
                      r"width=0\.25.*conv2d_1a\.conv\.weight -> params/conv2d_1a/conv/kernel "
-                     r"is \(3, 3, 3, 32\), the model has \(3, 3, 3, 8\)"):
+                     r"is \(3, 3, 3, 32\), the model has \(3, 3, 3, 8\)") as error:
     convert.facenet_from_torch(state_dict, inception_resnet.InceptionResnetV1(width=0.25))
+  lines = str(error.value).splitlines()  # the counts, 10 shapes (params first), the rest counted
+  assert len(lines) == 12 and "params/" in lines[10] and lines[11] == "  ... and 455 more"
   broken = {k: v for k, v in state_dict.items() if k != "mixed_6a.branch0.bn.running_var"}
   broken["mixed_7a.branch4.weight"] = np.zeros((8, 8, 1, 1), np.float32)
   with pytest.raises(ValueError, match=r"(?s)missing: batch_stats/mixed_6a/branch0/bn/var .*"
@@ -169,6 +171,90 @@ def test_vggish_tool_embedding_matches_torch(vggish_torch, tmp_path):
   with pytest.raises(ValueError, match=r"features\.0\.weight -> params/conv1/kernel is "
                      r"\(3, 3, 1, 64\), the model has \(3, 3, 1, 8\)"):
     convert.vggish_from_torch(state_dict, audio.VGGish(width=0.125, fc_dim=64, embed_dim=16))
+
+
+def _truncated(torch, path: pathlib.Path, **save) -> None:
+  torch.save({"fc.weight": torch.zeros(64, 64)}, path, **save)
+  path.write_bytes(path.read_bytes()[:path.stat().st_size // 2])
+
+
+_FILES = r"facenet-pytorch's 20180402-114759-vggface2\.pt .* torchvggish's vggish-10086976\.pth"
+_PCA = (r"torchvggish's PCA parameters file .* reads the network weights, "
+        r"vggish-10086976\.pth, not PCA")
+_PCA_NUMPY = {"pca_eigen_vectors": np.eye(4, dtype=np.float32), "pca_means": np.zeros(4)}
+_LEGACY = {"_use_new_zipfile_serialization": False}  # torch < 1.6 wrote pickles, not a zip
+_BAD_FILES = {  # file name: (write it with torch, error, message)
+    "weights": (lambda torch, p: p.mkdir(), ValueError, "is a folder: give the weights file"),
+    "none.pt": (lambda torch, p: None, FileNotFoundError, f"not found: give .*{_FILES}"),
+    "cut.pt": (_truncated, ValueError, "not a complete torch state dict .*: re-download it"),
+    "cut_legacy.pth": (lambda torch, p: _truncated(torch, p, **_LEGACY), ValueError,
+                       "not a complete torch state dict .*: re-download it"),
+    "vggish_model.ckpt": (lambda torch, p: p.write_bytes(b"\0\0\x1e\0vggish/conv1/biases"),
+                          ValueError, f"is a TensorFlow checkpoint, .* convert {_FILES}"),
+    # raw floats: the first byte may look like a pickle's
+    "model.ckpt.data-00000-of-00001": (lambda torch, p: p.write_bytes(b"\x80" * 64), ValueError,
+                                       "is a TensorFlow checkpoint"),
+    "page.pth": (lambda torch, p: p.write_text("<html>404</html>"), ValueError,
+                 f"not a torch file .*: re-download it; TensorFlow checkpoints are not "
+                 f"supported.*{_FILES}"),
+    "vggish_pca_params-970ea276.pth": (lambda torch, p: torch.save(_PCA_NUMPY, p), ValueError,
+                                       f"holds NumPy arrays, not tensors: it looks like {_PCA}"),
+    "pca_legacy.pth": (lambda torch, p: torch.save(_PCA_NUMPY, p, **_LEGACY), ValueError,
+                       f"holds NumPy arrays, not tensors: it looks like {_PCA}"),
+    "module.pt": (lambda torch, p: torch.save(torch.nn.Linear(2, 2), p), ValueError,
+                  r"holds objects other than tensors, .* save model\.state_dict\(\) instead"),
+    "list.pt": (lambda torch, p: torch.save([torch.zeros(2)], p), ValueError,
+                r"holds a list, not a state dict .* save model\.state_dict\(\)"),
+    "run.pt": (lambda torch, p: torch.save({"net": {"w": torch.zeros(2)}, "epoch": 3}, p),
+               ValueError, r"run\.pt is not a state dict: 2 of its 2 entries are not tensors "
+               r"\('net' \(dict\), 'epoch' \(int\)\): give"),
+    "wrapped.pt": (lambda torch, p: torch.save(
+        {"state_dict": {f"w{i}": i for i in range(12)} | {"b": torch.zeros(2)}}, p), ValueError,
+                   r"wrapped\.pt\['state_dict'\] is not a state dict: 12 of its 13 entries are "
+                   r"not tensors \('w0' \(int\), .*'w9' \(int\), \.\.\. and 2 more\)"),
+}
+
+
+@pytest.mark.parametrize("name", list(_BAD_FILES))
+def test_read_torch_names_the_file_and_the_fix(tmp_path, name):
+  """Each file a user may give by mistake: one error (cli.run prints it) naming it and the fix."""
+  torch = pytest.importorskip("torch")
+  write, error, message = _BAD_FILES[name]
+  write(torch, tmp_path / name)
+  with pytest.raises(error, match=message) as raised:
+    convert.read_torch(tmp_path / name)
+  assert str(raised.value).startswith(str(tmp_path / name))
+
+
+@pytest.mark.parametrize("entry", ["state_dict", "model"])
+def test_read_torch_unwraps_a_training_checkpoint(tmp_path, entry):
+  torch = pytest.importorskip("torch")
+  weights = {"fc.weight": torch.arange(6.0).reshape(2, 3),
+             "bn.num_batches_tracked": torch.tensor(7)}
+  torch.save({entry: weights, "epoch": 3, "optimizer": {"state": {}}}, tmp_path / "run.pt")
+  got = convert.read_torch(tmp_path / "run.pt")
+  assert got.keys() == weights.keys() and got["bn.num_batches_tracked"] == 7
+  np.testing.assert_array_equal(got["fc.weight"], np.arange(6.0).reshape(2, 3))
+
+
+@pytest.mark.parametrize("source, kind, message", [
+    ("facenet_torch", "vggish", r"it has 0 of the model's 18 weight arrays; its keys look like "
+     r"facenet-pytorch's InceptionResnetV1 \(conv2d_1a\.\*\): convert it with "
+     r"tools/convert_facenet\.py$"),
+    ("vggish_torch", "facenet", r"it has 0 of the model's 465 weight arrays; its keys look like "
+     r"torchvggish's VGGish \(features\.\*, embeddings\.\*\): convert it with "
+     r"tools/convert_vggish\.py$"),
+    (_PCA_NUMPY, "vggish", f"its keys look like {_PCA}"),
+    ({f"layer{i}.weight": np.zeros(2) for i in range(12)}, "facenet",
+     r"look like neither facenet-pytorch's nor torchvggish's \(top-level names: "
+     rf"layer0\.\* \(1\), .*layer9\.\* \(1\), \.\.\. and 2 more\): give {_FILES}"),
+], ids=["facenet-to-vggish", "vggish-to-facenet", "pca-to-vggish", "unknown-to-facenet"])
+def test_other_models_file_names_its_converter(request, source, kind, message):
+  """Another model's keys: which model they are from, not a size fix and hundreds of lines."""
+  state_dict = request.getfixturevalue(source)[1] if isinstance(source, str) else source
+  with pytest.raises(ValueError, match=message) as raised:
+    getattr(convert, f"{kind}_from_torch")(state_dict)
+  assert "\n" not in str(raised.value) and "width" not in str(raised.value)
 
 
 class _Started(Exception):
@@ -243,8 +329,8 @@ def test_full_size_trunk_refused_on_tiny_config(tmp_path):
   with pytest.raises(ValueError, match=r"(?s)config\.init\.face_backbone=.* does not fit the "
                      r"model: \d+ shapes differ, 0 missing, \d+ unexpected\. .*set "
                      r"config\.model to match.*shape: params/trunk/conv2d_1a/conv/kernel is "
-                     r"\(3, 3, 3, 32\), the model has \(3, 3, 3, 8\).*unexpected: "
-                     r"params/trunk/repeat_1/block_4/"):
+                     r"\(3, 3, 3, 32\), the model has \(3, 3, 3, 8\)\n.*\.\.\. and \d+ more\n"
+                     r"  unexpected: params/trunk/repeat_1/block_1/.*\.\.\. and \d+ more$"):
     state_lib.start_from(state, path, "facenet", at=("trunk",), what="config.init.face_backbone",
                          section="config.model")
   with pytest.raises(ValueError, match=r"config\.init\.audio=.* holds 'facenet' weights, not "

@@ -18,7 +18,8 @@ import collections
 import hashlib
 import json
 import pathlib
-from collections.abc import Callable
+import pickle
+from collections.abc import Callable, Collection
 from typing import Any
 
 import jax
@@ -33,27 +34,55 @@ StateDict = dict[str, np.ndarray]
 _FACENET_HEADS = ("avgpool_1a", "dropout", "last_linear", "last_bn", "logits")
 _BN = {"weight": ("params", "scale"), "bias": ("params", "bias"),
        "running_mean": ("batch_stats", "mean"), "running_var": ("batch_stats", "var")}
+_TORCH_FILES = ("facenet-pytorch's 20180402-114759-vggface2.pt (tools/convert_facenet.py) or "
+                "torchvggish's vggish-10086976.pth (tools/convert_vggish.py)")
+_PCA = ("torchvggish's PCA parameters file (vggish_pca_params-970ea276.pth): the converter reads "
+        "the network weights, vggish-10086976.pth, not PCA (our VGGish uses the raw embedding)")
 
 
 def _flat(variables: dict[str, Any]) -> dict[str, Any]:
   return traverse_util.flatten_dict(variables, sep="/")
 
 
+def _listed(items: list[str], n: int) -> list[str]:
+  """The first `n` of `items` and a count of the rest: errors stay readable for any file."""
+  return items[:n] + [f"... and {len(items) - n} more"] * (len(items) > n)
+
+
 def _check(expected: dict[str, Any], got: dict[str, Any], what: str, fix: str,
            names: dict[str, str] | None = None) -> None:
-  """Raises naming every misshapen, missing or unexpected leaf of `got` against `expected`."""
+  """Raises counting the misshapen, missing and unexpected leaves of `got` against `expected`
+  and naming about 10 of them, params (kernels say more than statistics) first."""
   names = names or {}
   name = lambda k: f"{names[k]} -> {k}" if k in names else k
-  shapes = [f"  shape: {name(k)} is {tuple(got[k].shape)}, the model has "
-            f"{tuple(expected[k].shape)}" for k in sorted(got.keys() & expected)
+  order = lambda keys: sorted(keys, key=lambda k: (not k.startswith("params/"), k))
+  shapes = [f"shape: {name(k)} is {tuple(got[k].shape)}, the model has "
+            f"{tuple(expected[k].shape)}" for k in order(got.keys() & expected)
             if tuple(got[k].shape) != tuple(expected[k].shape)]
-  missing = [f"  missing: {k} {tuple(expected[k].shape)}" for k in sorted(expected.keys() - got)]
-  unexpected = [f"  unexpected: {name(k)} {tuple(got[k].shape)}"
-                for k in sorted(got.keys() - expected)]
-  if shapes or missing or unexpected:
+  missing = [f"missing: {k} {tuple(expected[k].shape)}" for k in order(expected.keys() - got)]
+  unexpected = [f"unexpected: {name(k)} {tuple(got[k].shape)}"
+                for k in order(got.keys() - expected)]
+  groups = [g for g in (shapes, missing, unexpected) if g]
+  if groups:
+    lines = [line for g in groups for line in _listed(g, 10 // len(groups))]
     raise ValueError(f"{what} does not fit the model: {len(shapes)} shapes differ, {len(missing)} "
-                     f"missing, {len(unexpected)} unexpected. {fix}\n"
-                     + "\n".join(shapes + missing + unexpected))
+                     f"missing, {len(unexpected)} unexpected. {fix}\n  " + "\n  ".join(lines))
+
+
+def _model_of(keys: Collection[str]) -> str:
+  """Which torch model a state dict with these keys is from, and what to do with it."""
+  tops = collections.Counter(k.split(".")[0] for k in keys)
+  if "conv2d_1a" in tops:
+    return ("facenet-pytorch's InceptionResnetV1 (conv2d_1a.*): convert it with "
+            "tools/convert_facenet.py")
+  if tops.keys() & {"features", "embeddings"}:
+    return ("torchvggish's VGGish (features.*, embeddings.*): convert it with "
+            "tools/convert_vggish.py")
+  if tops and all(_vggish_ignored(k) for k in keys):
+    return _PCA
+  names = _listed([f"{t}.* ({n})" for t, n in tops.most_common()], 10) or ["none"]
+  return (f"neither facenet-pytorch's nor torchvggish's (top-level names: {', '.join(names)}): "
+          f"give {_TORCH_FILES}")
 
 
 def _convert(state_dict: StateDict, path_of: Callable[[str], str | None],
@@ -69,6 +98,10 @@ def _convert(state_dict: StateDict, path_of: Callable[[str], str | None],
     if path.endswith("/kernel") and value.ndim in (2, 4):
       value = value.transpose((2, 3, 1, 0) if value.ndim == 4 else (1, 0))
     got[path], names[path] = value, key
+  found = len(got.keys() & expected)
+  if found < len(expected) / 10:  # another model's file: a size fix and a key list would mislead
+    raise ValueError(f"{what} does not fit the model: it has {found} of the model's "
+                     f"{len(expected)} weight arrays; its keys look like {_model_of(state_dict)}")
   _check(expected, got, what, fix, names)
   converted = {k: np.ascontiguousarray(v, dtype=expected[k].dtype) for k, v in got.items()}
   return traverse_util.unflatten_dict(converted, sep="/")
@@ -96,7 +129,8 @@ def _facenet_path(key: str) -> str:
 
 
 def facenet_from_torch(state_dict: StateDict,
-                       model: inception_resnet.InceptionResnetV1 | None = None) -> dict[str, Any]:
+                       model: inception_resnet.InceptionResnetV1 | None = None, *,
+                       what: str = "facenet state dict") -> dict[str, Any]:
   """facenet-pytorch `InceptionResnetV1` state dict -> variables of `model` (default: the full
   trunk cut at mixed_7a); raises naming every key or shape that does not fit."""
   model = model or inception_resnet.InceptionResnetV1()
@@ -105,7 +139,7 @@ def facenet_from_torch(state_dict: StateDict,
   fix = ("facenet-pytorch weights have width 1.0 and depth (5, 10, 5): convert them for a "
          f"trunk with those (this one: width={model.width}, depth={tuple(model.depth)}).")
   path_of = lambda k: None if _facenet_ignored(k, model.cut) else _facenet_path(k)
-  return _convert(state_dict, path_of, expected, "facenet state dict", fix)
+  return _convert(state_dict, path_of, expected, what, fix)
 
 
 def _vggish_ignored(key: str) -> bool:
@@ -126,7 +160,8 @@ def _vggish_names() -> dict[str, str]:
   return names
 
 
-def vggish_from_torch(state_dict: StateDict, model: audio.VGGish | None = None) -> dict[str, Any]:
+def vggish_from_torch(state_dict: StateDict, model: audio.VGGish | None = None, *,
+                      what: str = "vggish state dict") -> dict[str, Any]:
   """torchvggish state dict -> variables of `model` (default: full VGGish) without `va_head`,
   which stays at its initialisation; raises naming every key or shape that does not fit."""
   model = model or audio.VGGish()
@@ -143,20 +178,60 @@ def vggish_from_torch(state_dict: StateDict, model: audio.VGGish | None = None) 
   fix = (f"torchvggish weights are full size: convert them for width=1.0, fc_dim=4096, "
          f"embed_dim=128 (this model: width={model.width}, fc_dim={model.fc_dim}, "
          f"embed_dim={model.embed_dim}).")
-  return _convert(state_dict, path_of, expected, "vggish state dict", fix)
+  return _convert(state_dict, path_of, expected, what, fix)
 
 
 def read_torch(path: str | pathlib.Path) -> StateDict:
-  """A torch state dict file as NumPy arrays (needs torch: pip install -e '.[convert]')."""
+  """A torch state dict file (or a training checkpoint's "state_dict" or "model" entry) as NumPy
+  arrays; needs torch: pip install -e '.[convert]'. Raises naming the file and the fix."""
   try:
     import torch  # pylint: disable=import-outside-toplevel
   except ImportError as e:
     raise ImportError(f"reading {path} needs torch: pip install -e '.[convert]'") from e
-  state_dict = torch.load(path, map_location="cpu", weights_only=True)
-  if not isinstance(state_dict, dict):
-    raise ValueError(f"{path}: expected a state dict (key -> tensor), got {type(state_dict)}")
+  path = pathlib.Path(path)
+  if path.is_dir():
+    raise ValueError(f"{path} is a folder: give the weights file itself, {_TORCH_FILES}")
+  if not path.is_file():
+    raise FileNotFoundError(f"{path} not found: give the downloaded weights, {_TORCH_FILES}")
+  with open(path, "rb") as f:
+    head = f.read(4)
+  tf_name = ".ckpt" in path.name or ".data-0" in path.name or path.suffix in (".index", ".meta")
+  # torch writes a zip or (before 1.6) pickles; Lightning's .ckpt files are torch zips
+  if head != b"PK\x03\x04" and (tf_name or head[:1] != b"\x80"):
+    raise ValueError(
+        f"{path} is a TensorFlow checkpoint, which the converters do not read: convert "
+        f"{_TORCH_FILES} instead" if tf_name else
+        f"{path} is not a torch file (neither a zip nor a pickle): re-download it; TensorFlow "
+        f"checkpoints are not supported, convert {_TORCH_FILES} instead")
+  try:
+    loaded = torch.load(path, map_location="cpu", weights_only=True)
+  except pickle.UnpicklingError as e:  # an object weights_only refuses to build
+    if "numpy" in str(e):  # torchvggish's PCA file is a dict of NumPy arrays
+      raise ValueError(f"{path} holds NumPy arrays, not tensors: it looks like {_PCA}") from e
+    raise ValueError(f"{path} holds objects other than tensors, which safe loading (torch.load "
+                     f"with weights_only=True) refuses: give {_TORCH_FILES}, or save "
+                     "model.state_dict() instead of the model") from e
+  except (RuntimeError, EOFError, OSError) as e:  # a truncated zip or pickle
+    raise ValueError(f"{path} is not a complete torch state dict (torch cannot read it): "
+                     "re-download it") from e
+  where = path
+  for entry in ("state_dict", "model"):  # a training checkpoint keeps the weights in one entry
+    if isinstance(loaded, dict) and isinstance(loaded.get(entry), dict):
+      loaded, where = loaded[entry], f"{path}[{entry!r}]"
+      break
+  if not isinstance(loaded, dict):
+    raise ValueError(f"{path} holds a {type(loaded).__name__}, not a state dict (name -> tensor): "
+                     f"give {_TORCH_FILES}, or save model.state_dict()")
+  others = [f"{k!r} ({type(v).__name__})" for k, v in loaded.items()
+            if not isinstance(v, torch.Tensor)]
+  if others and all(_vggish_ignored(k) for k in loaded):
+    raise ValueError(f"{path} is {_PCA}")
+  if others:
+    raise ValueError(f"{where} is not a state dict: {len(others)} of its {len(loaded)} entries are "
+                     f"not tensors ({', '.join(_listed(others, 10))}): give "
+                     f"{_TORCH_FILES}, or save model.state_dict()")
   return {k: v.detach().float().numpy() if v.is_floating_point() else v.numpy()
-          for k, v in state_dict.items()}
+          for k, v in loaded.items()}
 
 
 def convert_file(kind: str, source: str | pathlib.Path, output: str | pathlib.Path, *,
@@ -169,12 +244,12 @@ def convert_file(kind: str, source: str | pathlib.Path, output: str | pathlib.Pa
     digest = hashlib.file_digest(f, "sha256").hexdigest()
   if kind == "facenet":
     model = inception_resnet.InceptionResnetV1(cut=cut)
-    variables = facenet_from_torch(state_dict, model)
+    variables = facenet_from_torch(state_dict, model, what=str(source))
     ignored = [k for k in state_dict if _facenet_ignored(k, cut)]
     fields = {"cut": cut, "width": model.width, "depth": list(model.depth)}
   elif kind == "vggish":
     model = audio.VGGish()
-    variables = vggish_from_torch(state_dict, model)
+    variables = vggish_from_torch(state_dict, model, what=str(source))
     ignored = [k for k in state_dict if _vggish_ignored(k)]
     fields = {"width": model.width, "fc_dim": model.fc_dim, "embed_dim": model.embed_dim}
   else:
