@@ -136,16 +136,16 @@ def _fusion(models: dict[str, Model], config, out: pathlib.Path,
   """As the fusion stage's evaluation: dev CCC per model and per condition, and the plots."""
   dev = _dev_features(next(iter(models.values())), config, features_from)
   lengths, labels = dev["lengths"], dev["labels"]
+  names, gaps = av_stages.dev_recordings(config)
   report, predictions = {}, {}
   for name in [n for n in av_stages.MODEL_MODALITIES if n in models]:
     model = models[name]
     inputs = {m: dev[m] for m in model.manifest["modalities"]}
     predictions[name] = np.asarray(model(**inputs, lengths=lengths)["valence_arousal"])
     report[name] = metrics.ccc_report([p[:n] for p, n in zip(predictions[name], lengths)],
-                                      [y[:n] for y, n in zip(labels, lengths)])
-  gaps = av_stages.dev_gaps(config)
+                                      [y[:n] for y, n in zip(labels, lengths)], names)
   for r, n in enumerate(lengths):
     plots.valence_arousal_png(labels[r, :n], {k: v[r, :n] for k, v in predictions.items()},
-                              out / f"dev_{r:02d}.png", f"dev recording {r} (export)", gaps=gaps[r])
+                              out / f"{names[r]}.png", f"{names[r]} (export)", gaps=gaps[r])
   return {"fusion": report,
           "fusion_by_condition": av_stages.by_condition(gaps, labels, predictions, lengths)}

@@ -1,11 +1,14 @@
 """Evaluation metrics (DESIGN.md §3), accumulated on device with clu and reduced on the host.
 
-- acc8 / acc7: accuracy over the 8 AffectNet classes, and over 7 with Contempt (code 7) dropped
-  from both the labels and the predicted classes.
-- macro_f1: unweighted mean of the 8 per-class F1 scores (a class with no support and no
-  predictions counts as 0).
+- acc8 / acc7: accuracy over the 8 AffectNet classes (8-class models only), and over 7 with
+  Contempt (code 7) dropped from both the labels and the predicted classes.
+- macro_f1 / macro_f1_7: unweighted mean of the per-class F1 scores over 8 classes (8-class
+  models only) and over 7, each over the classes in the labels or the predictions (sklearn's
+  `f1_score(average="macro")`): a class the test set lacks and the model never predicts is not
+  counted as 0. `test_faces_per_class` gives each class's support.
 - fec_triplet_acc: a triplet is right when the two similar faces are closer to each other than
-  both are to the odd one (squared L2 of the embeddings), overall and per triplet type.
+  both are to the odd one (squared L2 of the embeddings), overall and per triplet type, with the
+  number of test triplets per type (`fec_triplets_<type>`; an accuracy of none is None).
 - teacher_agreement: fraction of faces where the student's and teacher's argmax classes agree.
 - ccc: concordance correlation coefficient with population (1/N) moments, reported for valence
   and arousal both over all dev recordings concatenated (the AVEC convention, `ccc_valence`) and
@@ -84,30 +87,38 @@ class TripletMetrics(clu_metrics.Collection):
 
 
 def macro_f1(confusion: np.ndarray) -> float:
-  """Unweighted mean over classes of F1 = 2 tp / (2 tp + fp + fn)."""
+  """Unweighted mean of F1 = 2 tp / (2 tp + fp + fn) over the classes with tp + fp + fn > 0."""
   tp = np.diag(confusion).astype(np.float64)
   denom = 2 * tp + (confusion.sum(0) - tp) + (confusion.sum(1) - tp)
-  return float(np.mean(np.where(denom > 0, 2 * tp / np.maximum(denom, 1), 0.0)))
+  return float(np.mean(2 * tp[denom > 0] / denom[denom > 0])) if denom.any() else 0.0
 
 
-def accuracy(confusion: np.ndarray) -> float:
-  return float(np.trace(confusion) / max(confusion.sum(), 1))
+def _ratio(right, total) -> float | None:
+  return float(right / total) if total else None
 
 
-def summarize(faces: FaceMetrics, triplets: TripletMetrics | None,
-              with_agreement: bool) -> dict[str, Any]:
-  """Host-side reduction to plain floats (and the 8x8 confusion matrix as nested lists)."""
+def accuracy(confusion: np.ndarray) -> float | None:
+  return _ratio(np.trace(confusion), confusion.sum())
+
+
+def summarize(faces: FaceMetrics, triplets: TripletMetrics | None, with_agreement: bool,
+              num_classes: int = 8) -> dict[str, Any]:
+  """Host-side reduction to plain numbers (and the confusion matrix of the model's
+  `num_classes` as nested lists)."""
   values = faces.compute()
   c8, c7 = np.asarray(values["confusion8"]), np.asarray(values["confusion7"])
-  out: dict[str, Any] = {"acc8": accuracy(c8), "acc7": accuracy(c7), "macro_f1": macro_f1(c8)}
+  out: dict[str, Any] = {"acc8": accuracy(c8), "macro_f1": macro_f1(c8)} if num_classes == 8 else {}
+  out.update(acc7=accuracy(c7), macro_f1_7=macro_f1(c7),
+             test_faces_per_class=c8.sum(1)[:num_classes].tolist())
   if with_agreement:
     out["teacher_agreement"] = float(values["teacher_agreement"])
   if triplets is not None:
     correct, total = (np.asarray(v) for v in triplets.compute()["triplets"])
-    out["fec_triplet_acc"] = float(correct.sum() / max(total.sum(), 1))
+    out["fec_triplet_acc"] = _ratio(correct.sum(), total.sum())
     for name, c, t in zip(TRIPLET_TYPE_NAMES, correct, total):
-      out[f"fec_triplet_acc_{name}"] = float(c / max(t, 1))
-  out["confusion"] = c8.tolist()
+      out[f"fec_triplet_acc_{name}"] = _ratio(c, t)
+      out[f"fec_triplets_{name}"] = int(t)
+  out["confusion"] = c8[:num_classes, :num_classes].tolist()
   return out
 
 
@@ -122,13 +133,20 @@ def ccc(x: np.ndarray, y: np.ndarray) -> float:
   return float(2 * cov / denom) if denom > 0 else 0.0
 
 
-def ccc_report(preds: list[np.ndarray], targets: list[np.ndarray]) -> dict[str, float]:
+def ccc_report(preds: list[np.ndarray], targets: list[np.ndarray],
+               names: list[str] | None = None) -> dict[str, Any]:
   """CCC per dimension of per-recording [T_r, 2] (valence, arousal) predictions: concatenated
-  over recordings (`ccc_valence`) and the mean of per-recording values (`ccc_valence_mean`)."""
-  out = {}
-  for d, name in enumerate(("valence", "arousal")):
+  over recordings (`ccc_valence`) and the mean of per-recording values (`ccc_valence_mean`);
+  with the recordings' `names`, also each one's values and frames (`recordings`), so that a
+  report says what it covers."""
+  dims = ("valence", "arousal")
+  each = [{f"ccc_{name}": ccc(p[:, d], t[:, d]) for d, name in enumerate(dims)}
+          for p, t in zip(preds, targets)]
+  out: dict[str, Any] = {}
+  for d, name in enumerate(dims):
     out[f"ccc_{name}"] = ccc(np.concatenate([p[:, d] for p in preds]),
                              np.concatenate([t[:, d] for t in targets]))
-    out[f"ccc_{name}_mean"] = float(np.mean([ccc(p[:, d], t[:, d])
-                                             for p, t in zip(preds, targets)]))
+    out[f"ccc_{name}_mean"] = float(np.mean([e[f"ccc_{name}"] for e in each]))
+  if names is not None:
+    out["recordings"] = {n: {**e, "frames": len(p)} for n, e, p in zip(names, each, preds)}
   return out

@@ -181,16 +181,20 @@ def _check_evaluation(workdir, summary, out):
             "confusion"} <= set(result[name])
     assert result[name] == {k: summary[name][k] for k in result[name]}, name
   assert "teacher_agreement" in result["student"]
-  close = lambda got, want, tol: all(got[k] == pytest.approx(want[k], abs=tol) for k in got)
+  close = lambda got, want, tol: all(got[k] == pytest.approx(want[k], abs=tol) for k in got
+                                     if not isinstance(got[k], dict))
   assert close(result["audio"], summary["audio"], 1e-5)
   for model, scores in summary["fusion"].items():
-    assert len(result["fusion"][model]) == 4 and close(result["fusion"][model], scores, 1e-5)
+    got = result["fusion"][model]
+    assert len(got) == 5 and close(got, scores, 1e-5)
+    assert list(got["recordings"]) == ["dev_1", "dev_2"]  # what the CCCs cover, per recording
+    assert all(close(got["recordings"][r], scores["recordings"][r], 1e-5) for r in got["recordings"])
   for condition, entry in summary["fusion_by_condition"].items():
     for model in summary["fusion"]:
       assert close(result["fusion_by_condition"][condition][model], entry[model], 1e-5)
   assert json.loads((out / "evaluation.json").read_text())["fusion"] == result["fusion"]
   pngs = {p.name for p in out.glob("*.png")}
-  assert pngs == {"confusion_teacher.png", "confusion_student.png", "dev_00.png", "dev_01.png"}
+  assert pngs == {"confusion_teacher.png", "confusion_student.png", "dev_1.png", "dev_2.png"}
   # One model directory, on the run's cached features, through the command-line tool.
   _tool("tools/evaluate.py", f"--export={workdir / 'export/fusion/fused'}",
         f"--out={out / 'cached'}", f"--features_from={workdir}")

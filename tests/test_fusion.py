@@ -390,7 +390,10 @@ def test_tiny_fusion_end_to_end(tmp_path):
   assert set(by_condition) == {"both present", "voice silent", "face hidden"}
   both = by_condition["both present"]
   assert both["frames"] > 1 and -1.0 <= both["fused"]["ccc_arousal"] <= 1.0
-  assert len(list((tmp_path / "fusion" / "plots").glob("dev_*.png"))) == 2
+  plots = {p.name for p in (tmp_path / "fusion" / "plots").glob("*.png")}
+  assert plots == {"dev_1.png", "dev_2.png"}
+  for entry in summary["fusion"].values():  # what each CCC covers: recordings, their frames
+    assert {r: e["frames"] for r, e in entry["recordings"].items()} == {"dev_1": 200, "dev_2": 200}
   cache = tmp_path / "fusion" / "features_train.npz"
   with np.load(cache) as f:
     assert f["visual"].shape == (4, 100, 16) and f["audio"].shape == (4, 100, 16)

@@ -63,10 +63,20 @@ def test_confusion_accuracy_f1_by_hand():
   out = metrics.summarize(m, None, with_agreement=True)
   assert out["acc8"] == pytest.approx(4 / 6)  # padded row (-1) ignored
   assert out["acc7"] == pytest.approx(3 / 4)  # rows with label 7 dropped
-  # Per-class F1: c0 tp1 fp1 fn1 -> .5; c1 tp1 fp1 fn0 -> 2/3; c2 -> 1; c7 tp1 fp0 fn1 -> 2/3.
-  assert out["macro_f1"] == pytest.approx((0.5 + 2 / 3 + 1 + 2 / 3) / 8)
+  # Per-class F1: c0 tp1 fp1 fn1 -> .5; c1 tp1 fp1 fn0 -> 2/3; c2 -> 1; c7 tp1 fp0 fn1 -> 2/3;
+  # the other classes are neither in the labels nor predicted (sklearn's f1_score, "macro").
+  assert out["macro_f1"] == pytest.approx((0.5 + 2 / 3 + 1 + 2 / 3) / 4)
+  # 7 classes: rows 0, 0, 1, 2 predicted 0, 1, 1, 2 -> c0 2/3, c1 2/3, c2 1.
+  assert out["macro_f1_7"] == pytest.approx((2 / 3 + 2 / 3 + 1) / 3)
+  assert out["test_faces_per_class"] == [2, 1, 1, 0, 0, 0, 0, 2]
   assert out["teacher_agreement"] == pytest.approx(1.0)
   assert np.sum(out["confusion"]) == 6
+  # A 7-class model: no 8-class numbers, a 7x7 confusion matrix.
+  seven = metrics.summarize(metrics.FaceMetrics.single_from_model_output(
+      logits=logits[:, :7], labels=np.where(labels == 7, -1, labels), agreement=np.ones(7),
+      mask=labels >= 0), None, with_agreement=False, num_classes=7)
+  assert "acc8" not in seven and "macro_f1" not in seven and np.shape(seven["confusion"]) == (7, 7)
+  assert seven["acc7"] == out["acc7"] and seven["macro_f1_7"] == out["macro_f1_7"]
 
 
 def test_triplet_metric_by_type():
@@ -76,3 +86,10 @@ def test_triplet_metric_by_type():
   correct, total = m.compute()["triplets"]
   np.testing.assert_array_equal(correct, [1, 0, 0])
   np.testing.assert_array_equal(total, [1, 1, 0])
+  faces = metrics.FaceMetrics.single_from_model_output(
+      logits=jnp.eye(8)[:2], labels=np.array([0, 1]), agreement=np.ones(2), mask=np.ones(2, bool))
+  out = metrics.summarize(faces, m, with_agreement=False)
+  assert out["fec_triplet_acc"] == 0.5 and out["fec_triplet_acc_one_class"] == 1.0
+  # No three-class triplet in the test set: not measured (None), not 0% right.
+  assert out["fec_triplet_acc_three_class"] is None and out["fec_triplets_three_class"] == 0
+  assert [out[f"fec_triplets_{t}"] for t in metrics.TRIPLET_TYPE_NAMES] == [1, 1, 0]

@@ -39,12 +39,14 @@ def _prepare_all(root, size: int):
   return data, reports
 
 
-def test_tiny_teacher_student_fusion_on_prepared_fixtures(tmp_path):
+def test_tiny_teacher_student_fusion_on_prepared_fixtures(tmp_path, caplog):
   config = fusion.get_config("tiny")
   data, _ = _prepare_all(tmp_path, config.data.image_size)
   config.data.source, config.data.data_dir, config.data.crop_margin = "tfds", str(data), MARGIN
   workdir = tmp_path / "run"
   summary = stages.run(config, workdir)
+  # Of the fixtures' 3 dev recordings one was skipped when prepared: CCCs of the other two.
+  assert "the dev CCCs cover 2 of RECOLA's 9 dev recordings" in caplog.text
 
   assert set(summary) >= {"teacher", "student", "audio", "fusion", "fusion_by_condition"}
   for stage in ("teacher", "student"):
@@ -62,6 +64,7 @@ def test_tiny_teacher_student_fusion_on_prepared_fixtures(tmp_path):
     assert f["visual"].shape == (2, 151, 16) and list(f["lengths"]) == [151, 151]
     labels = recola.source(data, "train", image_size=80, margin=MARGIN)[1].labels
     np.testing.assert_allclose(f["labels"][1], labels)
-  assert len(list((workdir / "fusion" / "plots").glob("dev_*.png"))) == 2
+  plots = {p.name for p in (workdir / "fusion" / "plots").glob("*.png")}
+  assert plots == {f"{r}.png" for r in summary["fusion"]["fused"]["recordings"]} and len(plots) == 2
   assert not (workdir / "sample_faces.png").exists()  # the synthetic grid is for synthetic data
   assert json.loads((workdir / "summary.json").read_text())["fusion"] == summary["fusion"]

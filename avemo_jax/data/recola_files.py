@@ -15,6 +15,7 @@ from avemo_jax.data import media
 
 FPS = 25  # gold-standard rows and stored frames per second (40 ms)
 SPLITS = ("train", "dev")  # test labels are not public
+DEV_RECORDINGS = 9  # the AVEC 2016 release's dev_1 .. dev_9, where published numbers come from
 MAX_MISMATCH_S = 1.0  # label rows, video frames and audio may disagree by this much (trimmed)
 _TIME_TOLERANCE_S = 0.002  # frameTime k must be k * 0.04 s within this
 _REQUIRED = ("instance_name", "frametime", "goldstandard")

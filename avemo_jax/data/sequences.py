@@ -167,6 +167,7 @@ class SyntheticRecordings:
       raise ValueError(f"split={split!r}: expected 'train' or 'dev'")
     self.num_recordings, self.seed, self.split, self.size = num_recordings, seed, split, size
     self.num_frames = int(round(seconds * FPS))
+    self.names = [f"{split}_{i + 1}" for i in range(num_recordings)]  # as RECOLA's files
 
   def __len__(self) -> int:
     return self.num_recordings

@@ -19,7 +19,7 @@ import ml_collections
 import numpy as np
 
 from avemo_jax import metrics, parallel, plots
-from avemo_jax.data import audio_features, pipeline, recola, sequences
+from avemo_jax.data import audio_features, pipeline, recola, recola_files, sequences
 from avemo_jax.train import build, features, loop, provenance, steps
 from avemo_jax.train import state as state_lib
 from avemo_jax.train.checkpoint import load_variables
@@ -134,6 +134,7 @@ def _fusion_stage(config, workdir: pathlib.Path, summary, par, write_summary, st
   logging.info("[fusion] features ready in %.0f s", summary["fusion_features_seconds"])
   dev = feats["dev"]
   lengths = dev["lengths"]
+  names, gaps = dev_recordings(config)
   report, dev_predictions = {}, {}
   for name in config.fusion.models:
     if name not in MODEL_MODALITIES:
@@ -145,7 +146,7 @@ def _fusion_stage(config, workdir: pathlib.Path, summary, par, write_summary, st
     def evaluate(state, modalities=modalities, predict=predict) -> dict[str, Any]:
       pred = np.asarray(predict(state.variables, {m: dev[m] for m in modalities}, lengths))
       result = metrics.ccc_report([p[:n] for p, n in zip(pred, lengths)],
-                                  [y[:n] for y, n in zip(dev["labels"], lengths)])
+                                  [y[:n] for y, n in zip(dev["labels"], lengths)], names)
       return {**result, "predictions": pred}
 
     train = {k: feats["train"][k] for k in (*modalities, "labels", "lengths")}
@@ -165,27 +166,35 @@ def _fusion_stage(config, workdir: pathlib.Path, summary, par, write_summary, st
     _, result = loop.train(stage, workdir / "fusion" / name, config.max_checkpoints, par)
     dev_predictions[name] = result.pop("predictions")
     report[name] = result
-    logging.info("[fusion/%s] dev %s", name, {k: round(v, 4) for k, v in result.items()})
-  gaps = dev_gaps(config)
+    logging.info("[fusion/%s] dev %s", name, {k: round(v, 4) for k, v in result.items()
+                                               if isinstance(v, float)})
   plot_dir = workdir / "fusion" / "plots"
   plot_dir.mkdir(parents=True, exist_ok=True)
   for r, n in enumerate(lengths if parallel.is_main_process() else ()):
     plots.valence_arousal_png(dev["labels"][r, :n],
                               {k: v[r, :n] for k, v in dev_predictions.items()},
-                              plot_dir / f"dev_{r:02d}.png", f"dev recording {r}", gaps=gaps[r])
+                              plot_dir / f"{names[r]}.png", names[r], gaps=gaps[r])
   summary["fusion"] = report
   summary["fusion_by_condition"] = by_condition(gaps, dev["labels"], dev_predictions, lengths)
   write_summary(workdir, summary)
 
 
-def dev_gaps(config) -> list[dict[str, np.ndarray]]:
-  """Per dev recording, bool [T] masks of the frames where a modality is missing: synthetic, the
-  voice silent / the face hidden; RECOLA, the frames without their own face detection."""
+def dev_recordings(config) -> tuple[list[str], list[dict[str, np.ndarray]]]:
+  """The dev recordings' names and, per recording, bool [T] masks of the frames where a modality
+  is missing: synthetic, the voice silent / the face hidden; RECOLA, the frames without their own
+  face detection. Fewer than RECOLA's 9 dev recordings (some skipped when prepared) is warned of:
+  such CCCs are not comparable with published ones."""
   recordings = pipeline.recordings(config, "dev")
   if config.data.source == "tfds":
-    return [{"face not detected": ~recordings[r].detected} for r in range(len(recordings))]
-  return [{"voice silent": ~rec.speaking, "face hidden": ~rec.visible} for rec in
-          (recordings[r] for r in range(len(recordings)))]
+    if len(recordings) < recola_files.DEV_RECORDINGS:
+      logging.warning("the dev CCCs cover %d of RECOLA's %d dev recordings (%s): the others were "
+                      "skipped when prepared (prepare_recola.py's report says why); they are not "
+                      "comparable with published numbers", len(recordings), recola_files.DEV_RECORDINGS,
+                      ", ".join(recordings.names))
+    return recordings.names, [{"face not detected": ~recordings[r].detected}
+                              for r in range(len(recordings))]
+  return recordings.names, [{"voice silent": ~rec.speaking, "face hidden": ~rec.visible} for rec in
+                            (recordings[r] for r in range(len(recordings)))]
 
 
 def by_condition(gaps, labels, predictions, lengths) -> dict[str, dict[str, Any]]:

@@ -53,6 +53,7 @@ class Evaluator:
       update = metrics.TripletMetrics.single_from_model_output(
           embeddings=emb.reshape(t, 3, -1), labels=b["label"], triplet_type=b["triplet_type"])
       triplet_metrics = update if triplet_metrics is None else triplet_metrics.merge(update)
-    summary = metrics.summarize(face_metrics, triplet_metrics, with_agreement=reference is not None)
+    summary = metrics.summarize(face_metrics, triplet_metrics, reference is not None,
+                                num_classes=logits.shape[-1])
     summary["predictions"] = np.concatenate(preds)[:self.num_faces]
     return summary

@@ -104,7 +104,8 @@ class _Profile:
 
 
 def _scalars(metrics: dict[str, Any], prefix: str = "") -> dict[str, float]:
-  return {prefix + k: float(v) for k, v in metrics.items() if np.ndim(v) == 0}
+  return {prefix + k: float(v) for k, v in metrics.items()
+          if v is not None and not isinstance(v, dict) and np.ndim(v) == 0}
 
 
 @contextlib.contextmanager

@@ -41,7 +41,8 @@ def _write_summary(workdir: pathlib.Path, summary: dict[str, Any],
 def _finish(workdir: pathlib.Path, name: str, result: dict[str, Any], summary: dict[str, Any],
             config: ml_collections.ConfigDict) -> None:
   if parallel.is_main_process():
-    plots.confusion_matrix_png(np.asarray(result["confusion"]), synthetic.EXPRESSIONS,
+    plots.confusion_matrix_png(np.asarray(result["confusion"]),
+                               synthetic.EXPRESSIONS[:len(result["confusion"])],
                                workdir / name / "confusion.png", f"{name}: held-out faces")
   summary[name] = {k: v for k, v in result.items() if k != "predictions"}
   _write_summary(workdir, summary, config)
