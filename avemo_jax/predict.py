@@ -112,7 +112,7 @@ def _sound(path, info: media.MediaInfo) -> tuple[np.ndarray | None, str | None]:
   if not info.has_audio:
     return None, "the video has no audio track"
   try:
-    waveform = media.load_audio(path, audio_features.SAMPLE_RATE)
+    waveform = media.load_audio(path)
   except ValueError as e:
     return None, f"its audio track is unreadable ({e})"
   late = round((info.audio_start_s - info.video_start_s) * audio_features.SAMPLE_RATE)

@@ -97,7 +97,9 @@ def test_video_frames_content_follows_the_face(face_video):
 
 
 def test_load_audio_from_video(face_video):
-  audio = media.load_audio(face_video[0], sample_rate=16000)
+  audio = media.load_audio(face_video[0])
+  # audio_features.load_audio reads what libsndfile cannot through the same decoder
+  np.testing.assert_array_equal(audio_features.load_audio(face_video[0]), audio)
   assert audio.dtype == np.float32 and audio.ndim == 1
   assert abs(len(audio) - 4 * 16000) < 0.05 * 16000  # AAC pads its last frame
   for second, hz in enumerate(TONES_HZ):
@@ -112,7 +114,7 @@ def test_load_audio_from_video(face_video):
 
 
 def test_load_audio_wav_matches_audio_features(wav_48k):
-  audio = media.load_audio(wav_48k, sample_rate=16000)
+  audio = media.load_audio(wav_48k)
   assert len(audio) == 3 * 16000
   np.testing.assert_allclose(audio, audio_features.load_audio(wav_48k), atol=1e-6)
   for second, hz in enumerate(TONES_HZ[:3]):
@@ -121,17 +123,12 @@ def test_load_audio_wav_matches_audio_features(wav_48k):
     assert np.sqrt(np.mean(window ** 2)) == pytest.approx(MONO_RMS, rel=0.01)
 
 
-def test_load_audio_keeps_the_rate_when_asked(wav_48k):
-  audio = media.load_audio(wav_48k, sample_rate=48000)
-  assert len(audio) == 3 * 48000
-
-
 @pytest.mark.parametrize("rate,channels", [(8000, 1), (22050, 6), (44100, 2)])
 def test_load_audio_any_rate_and_channel_count(tmp_path, rate, channels):
   mono = mf.tones((440, 880), rate, amplitude=AMPLITUDE)
   path = tmp_path / f"{rate}x{channels}.wav"
   mf.write_wav(path, np.stack([mono] * channels), rate, subtype="FLOAT")
-  audio = media.load_audio(path, sample_rate=16000)
+  audio = media.load_audio(path)
   assert len(audio) == 2 * 16000
   assert mf.dominant_hz(audio[2000:14000], 16000) == pytest.approx(440, abs=2)
   assert mf.dominant_hz(audio[18000:30000], 16000) == pytest.approx(880, abs=2)

@@ -11,9 +11,9 @@ import sys
 
 import numpy as np
 import pytest
+import resampy
 import skimage.data
 import soundfile as sf
-import soxr
 from PIL import Image
 
 import media_fixtures as mf
@@ -38,7 +38,7 @@ def root(tiny_run) -> pathlib.Path:
 def _speech_44k_stereo() -> np.ndarray:
   if SPEECH.is_file():
     speech, rate = sf.read(SPEECH, dtype="float32")
-    return mf.stereo(soxr.resample(speech, rate, 44100).astype(np.float32))
+    return mf.stereo(resampy.resample(speech, rate, 44100).astype(np.float32))
   return mf.stereo(mf.tones([220, 330, 440, 550], 44100))
 
 

@@ -240,6 +240,9 @@ def test_gold_standard_parsing(tmp_path):
                                                                      "0.00",
       "Instance_name,frameTime,GoldStandard\n": "line 1: expected @relation, @attribute or @data",
       head + "@attribute GoldStandard numeric\n@data\n": "no data rows",
+      head + "@attribute GoldStandard numeric\n@data\n'train_7',0,1\n": "line 6: Instance_name "
+                                                                       "'train_7' is another "
+                                                                       "recording's",
   }
   for text, error in cases.items():
     path.write_text(text)

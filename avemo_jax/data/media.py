@@ -15,7 +15,8 @@ from typing import Iterator
 
 import av
 import numpy as np
-import soxr
+
+from avemo_jax.data import audio_features
 
 __all__ = ["MediaInfo", "probe", "video_frames", "load_audio"]
 
@@ -191,13 +192,13 @@ def _check_riff_size(path: str) -> None:
                        f"{declared}; the file is truncated: re-download it, or skip this recording")
 
 
-def load_audio(path, sample_rate: int = 16000) -> np.ndarray:
-  """Decodes the first audio stream of `path` (a `.wav`, or a video's sound) -> float32 mono [N].
+def load_audio(path) -> np.ndarray:
+  """Decodes the first audio stream of `path` (a `.wav`, or a video's sound) -> float32 mono [N]
+  at 16 kHz.
 
-  Any input rate and channel count: channels are averaged (as `librosa.to_mono`), then resampled
-  to `sample_rate` by a streaming soxr "HQ" resampler, librosa's default, so a `.wav` gives what
-  `audio_features.load_audio` gives (to ~1e-6). Sample 0 is the first decoded sample. Only audio
-  packets are decoded.
+  Any input rate and channel count: channels are averaged, then resampled as `vggish_input` does
+  (`audio_features.to_mono_16k`), so a `.wav` gives what `audio_features.load_audio` gives (to
+  ~1e-6). Sample 0 is the first decoded sample. Only audio packets are decoded.
 
   Raises:
     FileNotFoundError / ValueError: the file is missing, unreadable, truncated, or has no audio.
@@ -209,20 +210,14 @@ def load_audio(path, sample_rate: int = 16000) -> np.ndarray:
     _check_riff_size(path)
     stream = container.streams.audio[0]
     to_float = av.AudioResampler(format="fltp", layout=stream.layout, rate=stream.rate)
-    resampler = None if stream.rate == sample_rate else soxr.ResampleStream(
-      stream.rate, sample_rate, 1, dtype="float32", quality="HQ")
-    chunks = []
-    for frame in _decode(container, stream, path):
-      for planar in to_float.resample(frame):
-        mono = planar.to_ndarray().mean(axis=0, dtype=np.float32)
-        chunks.append(resampler.resample_chunk(mono) if resampler else mono)
-    if resampler:
-      chunks.append(resampler.resample_chunk(np.zeros(0, np.float32), last=True))
-    waveform = np.concatenate(chunks) if chunks else np.zeros(0, np.float32)
-    if not len(waveform):
+    chunks = [planar.to_ndarray().mean(axis=0, dtype=np.float32)
+              for frame in _decode(container, stream, path) for planar in to_float.resample(frame)]
+    if not chunks or not sum(map(len, chunks)):
       raise ValueError(f"{path}: the audio stream has no decodable sample; re-encode the file")
+    waveform = audio_features.to_mono_16k(np.concatenate(chunks), stream.rate)
+    seconds = len(waveform) / audio_features.SAMPLE_RATE
     header = _seconds(stream.duration, stream.time_base)
-    if header is not None and len(waveform) / sample_rate < header - _TRUNCATED_S:
-      raise ValueError(f"{path}: audio ends at {len(waveform) / sample_rate:.2f} s but the header "
+    if header is not None and seconds < header - _TRUNCATED_S:
+      raise ValueError(f"{path}: audio ends at {seconds:.2f} s but the header "
                        f"says {header:.2f} s; the file is truncated: re-download it, or skip it")
     return waveform

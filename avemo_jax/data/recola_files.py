@@ -19,6 +19,7 @@ DEV_RECORDINGS = 9  # the AVEC 2016 release's dev_1 .. dev_9, where published nu
 MAX_MISMATCH_S = 1.0  # label rows, video frames and audio may disagree by this much (trimmed)
 _TIME_TOLERANCE_S = 0.002  # frameTime k must be k * 0.04 s within this
 _REQUIRED = ("instance_name", "frametime", "goldstandard")
+_RECORDING = re.compile(r"(train|dev|test)_\d+")
 _NAME = re.compile(r"^(train|dev)_(\d+)$")
 
 
@@ -63,7 +64,9 @@ def read_gold_standard(path) -> tuple[np.ndarray, np.ndarray]:
 
   Reads `@relation`, `@attribute <name> <type>` (any order; Instance_name, frameTime and
   GoldStandard required, others ignored), `@data` and comma-separated rows, names quoted or
-  not; blank lines and `%` comments are skipped. Checks that row k has frameTime k * 0.04 s.
+  not; blank lines and `%` comments are skipped. Checks that row k has frameTime k * 0.04 s, and
+  that an Instance_name of a RECOLA recording (train_7) is the file's own (a file copied to the
+  wrong place); other instance names are not RECOLA's convention and are not checked.
 
   Raises:
     ValueError: naming the file and line (not an ARFF, a missing attribute, a bad row, a
@@ -91,7 +94,7 @@ def read_gold_standard(path) -> tuple[np.ndarray, np.ndarray]:
         if missing:
           raise ValueError(f"{path} line {line_no}: the header declares {attributes}, without "
                            f"{missing}: not an AVEC 2016 gold-standard file; {fix}")
-        columns = [attributes.index(a) for a in _REQUIRED[1:]]
+        columns = [attributes.index(a) for a in _REQUIRED]
       elif word != "@relation":
         raise ValueError(f"{path} line {line_no}: expected @relation, @attribute or @data, got "
                          f"{line[:60]!r}: not an ARFF file; {fix}")
@@ -100,8 +103,12 @@ def read_gold_standard(path) -> tuple[np.ndarray, np.ndarray]:
     if len(fields) != len(attributes):
       raise ValueError(f"{path} line {line_no}: {len(fields)} values where the header declares "
                        f"{len(attributes)} attributes: {line[:80]!r}; {fix}")
+    instance = fields[columns[0]].strip("'\"")
+    if _RECORDING.fullmatch(instance) and instance != path.stem:
+      raise ValueError(f"{path} line {line_no}: Instance_name {instance!r} is another recording's: "
+                       f"the file of {instance} copied as {path.name}? {fix}")
     try:
-      t, v = (float(fields[c]) for c in columns)
+      t, v = (float(fields[c]) for c in columns[1:])
     except ValueError:
       raise ValueError(f"{path} line {line_no}: frameTime or GoldStandard is not a number "
                        f"('?' is a missing value): {line[:80]!r}; {fix}") from None

@@ -90,7 +90,7 @@ def process(job: Job) -> dict[str, Any] | tfds_common.Skip:
   if not job.log:  # a pool worker: one recording per core beats OpenCV's threads fighting over it
     cv2.setNumThreads(1)
   try:
-    audio = media.load_audio(c.files.audio, SAMPLE_RATE)
+    audio = media.load_audio(c.files.audio)
   except ValueError as e:
     return tfds_common.Skip("unreadable audio", str(e), str(c.files.audio))
   if abs(len(audio) / SAMPLE_RATE - rows / FPS) > MAX_MISMATCH_S:
