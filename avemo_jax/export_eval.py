@@ -72,7 +72,8 @@ def evaluate(root: str | pathlib.Path, out: str | pathlib.Path, *, data: str | N
     sources = pipeline.make_sources(config.data, config.seed)
     teacher_predictions = None
     for name, model in sorted(faces.items(), key=lambda kv: kv[0] != "teacher"):
-      evaluator = Evaluator(_FaceApply(model), sources, config.data.eval_batch)
+      evaluator = Evaluator(_FaceApply(model), sources, config.data.eval_batch,
+                            config.data.num_threads)
       reference = teacher_predictions if name == "student" else None
       scores = evaluator(model.variables, reference)
       if name == "teacher":

@@ -190,6 +190,27 @@ def test_small_datasets_come_in_equal_shares_in_a_new_order_every_pass():
   assert not np.array_equal(first, second) and len(set(map(tuple, first.reshape(-1, 9)))) > 100
 
 
+def test_evaluation_batches_are_read_in_order_each_time_and_padded():
+  """The test set in fixed-size batches, read anew on every pass (never held whole); the last
+  batch filled up with copies labelled -1, which the metrics leave out."""
+  read = []
+
+  class Source:
+    def __len__(self):
+      return 5
+
+    def __getitem__(self, i):
+      read.append(i)
+      return {"image": np.full((2, 2), i, np.uint8), "label": i, "unused": None}
+
+  batches = pipeline.eval_batches(Source(), 2, ("image", "label"), num_threads=2)
+  for _ in range(2):
+    got = list(batches)
+    assert [b["label"].tolist() for b in got] == [[0, 1], [2, 3], [4, -1]]
+    assert [b["image"][:, 0, 0].tolist() for b in got] == [[0, 1], [2, 3], [4, 4]]
+  assert sorted(read) == sorted(list(range(5)) * 2)
+
+
 def test_tiny_distill_end_to_end(tmp_path):
   summary = stages.run(_tiny(distill), tmp_path)
   for stage in ("teacher", "student"):

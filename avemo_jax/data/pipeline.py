@@ -238,15 +238,23 @@ def clips(config: ml_collections.ConfigDict, split: str):
   return sequences.SyntheticClips(seq.num_dev_clips, seed=config.seed + 1)
 
 
-def eval_batches(source, batch: int, keys: tuple[str, ...]) -> Iterator[dict[str, np.ndarray]]:
-  """The whole source in order, in fixed-size batches; the last is padded, with label -1."""
-  for start in range(0, len(source), batch):
-    items = [source[i] for i in range(start, min(start + batch, len(source)))]
-    out = {k: np.stack([it[k] for it in items]) for k in keys}
-    missing = batch - len(items)
-    if missing:
-      out = {k: np.concatenate([v, np.repeat(v[-1:], missing, axis=0)]) for k, v in out.items()}
-      for k in ("label", "triplet_type"):
-        if k in out:
-          out[k][-missing:] = -1
-    yield out
+def _padded(out: dict[str, np.ndarray], batch: int) -> dict[str, np.ndarray]:
+  """A short last batch filled up to `batch` with copies of its last item, labelled -1."""
+  missing = batch - len(next(iter(out.values())))
+  if missing:
+    out = {k: np.concatenate([v, np.repeat(v[-1:], missing, axis=0)]) for k, v in out.items()}
+    for k in ("label", "triplet_type"):
+      if k in out:
+        out[k][-missing:] = -1
+  return out
+
+
+def eval_batches(source, batch: int, keys: tuple[str, ...], num_threads: int = 2
+                 ) -> grain.IterDataset:
+  """The whole source in order, in fixed-size batches (the last padded, with label -1), read
+  by Grain threads each time it is iterated: a test set is never held in memory whole (FEC's
+  test triplets at 140 px: ~1.9 GB per 10,000)."""
+  fields = lambda item: {k: item[k] for k in keys}
+  return (grain.MapDataset.range(len(source)).map(lambda i: fields(source[i])).batch(batch)
+          .map(lambda out: _padded(out, batch))
+          .to_iter_dataset(grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=2)))

@@ -63,9 +63,10 @@ def _audio_stage(config, workdir: pathlib.Path, summary, par, write_summary) -> 
   cfg = config.audio.train
   model = build.audio_model(config.audio, dtype=config.dtype)
   dev = pipeline.clips(config, "dev")
+  dev = [dev[i] for i in range(len(dev))]
   dev_mel = np.stack([audio_features.waveform_to_examples(c["audio"], sequences.SAMPLE_RATE)[0]
-                      for c in (dev[i] for i in range(len(dev)))])
-  dev_labels = np.stack([dev[i]["labels"] for i in range(len(dev))])
+                      for c in dev])
+  dev_labels = np.stack([c["labels"] for c in dev])
   predict = jax.jit(lambda v, x: model.apply(v, x)[0])
 
   def evaluate(state) -> dict[str, Any]:

@@ -12,19 +12,21 @@ from avemo_jax.train import steps
 
 
 class Evaluator:
-  """Renders the test sets once, then evaluates any variables of `model` on them.
+  """Evaluates any variables of `model` on the test sets, read anew (Grain threads) each time.
 
   Faces and triplets are fed in batches of the same number of images, so the eval forward
   pass compiles once.
   """
 
-  def __init__(self, model: nn.Module, sources: pipeline.Sources, eval_batch: int):
+  def __init__(self, model: nn.Module, sources: pipeline.Sources, eval_batch: int,
+               num_threads: int = 2):
     if eval_batch % 3:
       raise ValueError(f"eval_batch={eval_batch} must be divisible by 3 (triplets)")
-    self.faces = list(pipeline.eval_batches(sources.test_faces, eval_batch, ("image", "label")))
-    self.triplets = list(pipeline.eval_batches(
-        sources.test_triplets, eval_batch // 3, ("images", "label", "triplet_type")))
-    self.num_faces = len(sources.test_faces)
+    self.faces = pipeline.eval_batches(sources.test_faces, eval_batch, ("image", "label"),
+                                       num_threads)
+    self.triplets = pipeline.eval_batches(
+        sources.test_triplets, eval_batch // 3, ("images", "label", "triplet_type"), num_threads)
+    self.num_faces, self.batch = len(sources.test_faces), eval_batch
     self._predict = jax.jit(functools.partial(steps.predict, apply_fn=model.apply))
 
   def predictions(self, variables) -> np.ndarray:
@@ -34,8 +36,8 @@ class Evaluator:
 
   def __call__(self, variables, reference: np.ndarray | None = None) -> dict[str, Any]:
     """Summary metrics; with `reference` (a teacher's test predictions), teacher_agreement."""
-    bs = len(self.faces[0]["label"])
-    ref = np.full(len(self.faces) * bs, -1)
+    bs = self.batch
+    ref = np.full(-(-self.num_faces // bs) * bs, -1)
     if reference is not None:
       ref[:len(reference)] = reference
     face_metrics, preds = None, []

@@ -157,7 +157,7 @@ def _visual_stages(config: ml_collections.ConfigDict, workdir: pathlib.Path,
   sources = pipeline.make_sources(config.data, config.seed)
   model = build.face_model(config.model, dtype=config.dtype, axis_name=par.axis_name)
   rng = jax.random.key(config.seed)
-  evaluator = Evaluator(model, sources, config.data.eval_batch)
+  evaluator = Evaluator(model, sources, config.data.eval_batch, config.data.num_threads)
   teacher_variables, teacher_predictions = None, None
 
   if "teacher" in config.stages and not config.teacher_checkpoint:
