@@ -189,6 +189,44 @@ def _copy(manual: pathlib.Path, to: pathlib.Path) -> pathlib.Path:
   return to
 
 
+def test_an_interrupted_preparation_resumes_from_its_finished_recordings(
+    recola_data, tmp_path, monkeypatch):
+  """Killed while a dev recording is processed, the same command again processes only the
+  recordings not finished (the skipped ones are found again) and writes what one run writes."""
+  root, _, report = recola_data
+  processed, real = [], recola.process
+
+  def process(job, crash_at=None):
+    processed.append(job.checked.files.name)
+    if job.checked.files.name == crash_at:
+      raise KeyboardInterrupt  # as the user's Ctrl-C
+    return real(job)
+
+  data = tmp_path / "data"
+  monkeypatch.setattr(recola, "process", lambda job: process(job, crash_at="dev_1"))
+  with pytest.raises(KeyboardInterrupt):
+    recola.prepare(root / "manual", data, image_size=SIZE, margin=MARGIN, detector_options=FAST)
+  assert processed == ["train_1", "train_2", "dev_1"]
+  spill, = data.glob("recola_spill_*")
+  assert sorted(p.name for p in spill.glob("*.json")) == ["train_1.json", "train_2.json"]
+  processed.clear()
+  monkeypatch.setattr(recola, "process", process)
+  resumed, fresh = recola.prepare(root / "manual", data, image_size=SIZE, margin=MARGIN,
+                                  detector_options=FAST)
+  assert fresh and processed == ["dev_1", "dev_2", "dev_3"] and not list(data.glob("recola_*"))
+  drop_time = lambda r: [{k: v for k, v in x.items() if k not in ("frames_per_s", "seconds")}
+                         for x in r["recordings"]]
+  for split in ("train", "dev"):
+    assert drop_time(resumed[split]) == drop_time(report[split])
+    assert resumed[split]["skipped"] == report[split]["skipped"]
+    ours = recola.source(data, split, image_size=SIZE, margin=MARGIN)
+    theirs = recola.source(root / "data", split, image_size=SIZE, margin=MARGIN)
+    for r in range(len(theirs)):
+      for field in ("labels", "audio", "detected", "boxes"):
+        np.testing.assert_array_equal(getattr(ours[r], field), getattr(theirs[r], field))
+      np.testing.assert_array_equal(ours.frame(r, 7), theirs.frame(r, 7))
+
+
 def test_recola_bad_inputs_fail_before_any_decoding(recola_data, tmp_path):
   root, truth, _ = recola_data
   manual = _copy(root / "manual", tmp_path / "manual")

@@ -20,9 +20,14 @@ crop (JPEG), valence and arousal, the frame's 640 audio samples (float32, 16 kHz
 frame had its own face detection (with detect_every n, the frames between detections count as
 detected), the box cropped, and the recording's ordinal and the frame index. The list of
 recordings (name, first example, length) and the preparation report are in metadata.json. So a
-face is one read of ~11 KiB (140 px; Grain threads fetch frames while the network runs), an audio
-clip the reads of the 25 frames it spans, a whole recording one contiguous run (~1 s for 300 s),
-and nothing is stored twice (~1.5 GB for the 18 recordings).
+face is one read of ~11 KiB (140 px; Grain threads fetch frames while the network runs), a whole
+recording one contiguous run (~1 s for 300 s; the audio stage's clips slice each recording's audio,
+read once), and nothing is stored twice (~1.5 GB for the 18 recordings).
+
+Workers write each finished recording to DATA_DIR/recola_spill_<variant>_<settings>/ (up to the
+data set's size again, removed once it is written): a preparation that stops (Ctrl-C, killed, a
+full disk) resumes there, and the same command again processes only the recordings not finished
+(or whose files changed).
 
 Alignment: frame k is label row k (frameTime k * 0.04 s), video frame k and audio samples
 640 k .. 640 (k + 1). A recording keeps T = min(label rows, video frames) frames; audio is cut or
@@ -92,16 +97,26 @@ class Recola(tfds.core.GeneratorBasedBuilder):
 
   def _split_generators(self, dl_manager):
     checked = check_all(dl_manager.manual_dir)
-    os.makedirs(self._spill_root, exist_ok=True)
-    self.spill = tempfile.mkdtemp(prefix="recola_spill_", dir=self._spill_root)
     config = self.builder_config
     detector = faces.FaceDetector(**self.detector_options)
+    settings = {"detector": detector.__getstate__(), "detect_every": self.detect_every,
+                "smooth": self.smooth, "size": config.size, "margin": config.margin}
+    self.info.metadata["settings"] = settings
+    # One spill folder per variant and settings: a preparation that stops (killed, a full disk)
+    # leaves its finished recordings there, and the same command again resumes from them.
+    key = hashlib.sha1(json.dumps({**settings, "quality": config.jpeg_quality},
+                                  sort_keys=True).encode()).hexdigest()[:12]
+    self.spill = os.path.join(self._spill_root, f"recola_spill_{config.name}_{key}")
+    os.makedirs(self.spill, exist_ok=True)
     jobs = {s: [Job(c, self.spill, config.size, config.margin, config.jpeg_quality, detector,
                     self.detect_every, self.smooth, self.pool is None) for c in checked[s]]
             for s in SPLITS}
-    self.info.metadata["settings"] = {
-        "detector": detector.__getstate__(), "detect_every": self.detect_every,
-        "smooth": self.smooth, "size": config.size, "margin": config.margin}
+    self._finished = {s: [r for j in jobs[s] if (r := _finished(j))] for s in SPLITS}
+    names = {r["name"] for s in SPLITS for r in self._finished[s]}
+    if names:
+      logging.info("recola: resuming with %d recordings finished before: %s", len(names),
+                   ", ".join(sorted(names)))
+    jobs = {s: [j for j in jobs[s] if j.checked.files.name not in names] for s in SPLITS}
     self._start = time.monotonic()
     # All recordings of both splits go to the pool now, so that no worker waits between splits.
     futures = {s: [self.pool.submit(process, j) for j in jobs[s]] if self.pool else None
@@ -109,9 +124,12 @@ class Recola(tfds.core.GeneratorBasedBuilder):
     return {s: self._generate_examples(s, jobs, futures) for s in SPLITS}
 
   def _results(self, split: str, jobs: dict[str, list[Job]], futures):
-    """process() of each of the split's jobs, in the order they finish, logging progress."""
+    """The results of the split's recordings finished by an earlier run, then process() of each
+    of its jobs, in the order they finish (logging progress); each new result recorded."""
+    yield from self._finished[split]
     if futures[split] is None:
-      yield from map(process, jobs[split])
+      for job in jobs[split]:
+        yield _record(job, process(job))
       return
     every_job = [j for s in SPLITS for j in jobs[s]]
     every_future = [f for s in SPLITS for f in futures[s]]
@@ -125,7 +143,7 @@ class Recola(tfds.core.GeneratorBasedBuilder):
       logging.info("recola: %d/%d frames of %d recordings (%d finished), %.0f frames/s, ETA %.0f "
                    "min", frames, total, len(every_job), sum(f.done() for f in every_future),
                    rate, (total - frames) / max(rate, 1e-9) / 60)
-      yield from (f.result() for f in done)
+      yield from (_record(j, f.result()) for j, f in zip(jobs[split], futures[split]) if f in done)
 
   def _generate_examples(self, split: str, jobs, futures):
     report = {"recordings": [], "skipped": {}, "examples": {}}
@@ -148,8 +166,6 @@ class Recola(tfds.core.GeneratorBasedBuilder):
           yield (ordinal << 32) | t, {
               "image": jpeg, "labels": labels[t], "audio": audio[t], "detected": detected[t],
               "box": boxes[t], "recording": ordinal, "frame": t}
-      os.remove(arrays_path)
-      os.remove(crops_path)
       report["recordings"].append(result)
     report["recordings"].sort(key=lambda r: r["ordinal"])
     first = 0
@@ -159,7 +175,8 @@ class Recola(tfds.core.GeneratorBasedBuilder):
     self.info.metadata[split] = report
     if split == SPLITS[-1]:  # the whole run, both splits, as the user waited for it
       seconds = time.monotonic() - self._start
-      frames = sum(self.info.metadata[s]["frames"] for s in SPLITS)
+      frames = sum(self.info.metadata[s]["frames"] for s in SPLITS) - sum(  # this run's
+          r["frames"] for s in SPLITS for r in self._finished[s])
       self.info.metadata["speed"] = {
           "frames": frames, "seconds": round(seconds, 1),
           "frames_per_s": round(frames / max(seconds, 1e-9), 1),
@@ -179,10 +196,43 @@ def prepare(manual_dir, data_dir, *, image_size: int = 140, margin: float = 0.1,
                    data_dir=data_dir, file_format="array_record", num_workers=num_workers,
                    detector_options=detector_options, detect_every=detect_every, smooth=smooth)
   try:
-    return tfds_common.prepare(builder, manual_dir)
-  finally:
-    if builder.spill:
-      shutil.rmtree(builder.spill, ignore_errors=True)
+    prepared = tfds_common.prepare(builder, manual_dir)
+  except BaseException:
+    if builder.spill and os.listdir(builder.spill):
+      logging.warning("recola: the recordings finished so far are kept in %s: the same command "
+                      "again resumes from them", builder.spill)
+    raise
+  if builder.spill:  # written: the spill folder has served
+    shutil.rmtree(builder.spill, ignore_errors=True)
+  return prepared
+
+
+def _stamps(job: Job) -> list[list[Any]]:
+  """Size and modification time of a recording's four files: other files, another result."""
+  return [[str(p), p.stat().st_size, p.stat().st_mtime_ns] for p in job.checked.files[1:]]
+
+
+def _record(job: Job, result):
+  """`result` of a processed recording (its spill files written), marked finished in
+  `<spill>/<name>.json` for a later run (a skip is not: it is found again)."""
+  if not isinstance(result, tfds_common.Skip):
+    path = os.path.join(job.spill, f"{result['name']}.json")
+    with open(path + ".tmp", "w") as f:
+      json.dump({"result": result, "files": _stamps(job)}, f)
+    os.replace(path + ".tmp", path)
+  return result
+
+
+def _finished(job: Job) -> dict[str, Any] | None:
+  """The result an earlier run recorded for `job`'s recording, if its files are unchanged."""
+  name = job.checked.files.name
+  path = os.path.join(job.spill, f"{name}.json")
+  if not all(os.path.exists(os.path.join(job.spill, f"{name}{ext}"))
+             for ext in (".json", ".npz", ".crops")):
+    return None
+  with open(path) as f:
+    saved = json.load(f)
+  return saved["result"] if saved["files"] == _stamps(job) else None
 
 
 def format_report(report: dict[str, Any]) -> str:
