@@ -2,6 +2,7 @@
 tfds data sources and Grain, and check crops, labels, skip counts and the report."""
 import collections
 import json
+import os
 import pathlib
 import re
 import subprocess
@@ -11,7 +12,7 @@ import tempfile
 import grain
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, ImageFile
 
 import official_fixtures
 from avemo_jax.data import affectnet, faces, fec, recola, tfds_common, unlabelled
@@ -53,7 +54,7 @@ def _crop(image: np.ndarray, box, *, margin: float, size: int) -> np.ndarray:
   return faces.crop(image, (x0, y0, x1 - x0, y1 - y0), margin=margin, size=size)
 
 
-def test_large_jpegs_decode_at_reduced_scale(tmp_path):
+def test_large_jpegs_decode_at_reduced_scale(tmp_path, monkeypatch):
   rng = np.random.default_rng(1)
   photo = np.asarray(Image.fromarray(rng.integers(0, 256, (25, 25, 3), dtype=np.uint8)).resize(
       (800, 600), Image.Resampling.BICUBIC))
@@ -63,6 +64,23 @@ def test_large_jpegs_decode_at_reduced_scale(tmp_path):
   assert image.shape == (150, 200, 3) and scaled == (75, 25, 175, 125)
   full = _crop(photo, box, margin=0.0, size=SIZE)
   assert _mad(_crop(image, scaled, margin=0.0, size=SIZE), full) < 2
+  # Faces of one file share its decode at each scale (1/4, 1/4, full), with the same bytes.
+  jobs = [tfds_common.Job(str(tmp_path / "big.jpg"), b)
+          for b in (box, (310, 110, 700, 500), (10, 10, 60, 60))]
+  config, decodes = tfds_common.crop_config(SIZE, 0.0), _count_decodes(monkeypatch)
+  assert tfds_common.crop_each(jobs, config) == [tfds_common.crop_job(j, config) for j in jobs]
+  assert decodes[jobs[0].path] == 2 + 3
+
+
+def _count_decodes(monkeypatch) -> collections.Counter:
+  """Counts the decodes of image files (by path) from now on."""
+  decodes, load = collections.Counter(), ImageFile.ImageFile.load
+
+  def counted(im):
+    decodes[im.filename] += bool(im.tile)  # an image already decoded has no tiles left
+    return load(im)
+  monkeypatch.setattr(ImageFile.ImageFile, "load", counted)
+  return decodes
 
 
 def test_affectnet_report_counts_every_skip(affectnet_data):
@@ -250,6 +268,50 @@ def test_fec_read_back_through_grain(fec_data):
             (32, 32), Image.Resampling.BICUBIC))) < 12
       annotators = raw[i]["annotators"]
       assert len(annotators) == 6 and all(a.decode().isdigit() for a in annotators)
+
+
+def test_fec_crops_each_distinct_face_once(fec_data, tmp_path, monkeypatch):
+  """Each distinct (file, box) of a split is cropped once and each file decoded once per split
+  (faces of one file share a decode; none here needs a reduced scale), and the triplets are byte for byte
+  those of cropping each row's faces (tfds_common.crop_jobs), with the pool (fec_data) and
+  without; a failure leaves no file behind."""
+  root, truth, report = fec_data
+  images, config = root / "manual" / "images", tfds_common.crop_config(SIZE, 0.25)
+  decodes, crops = _count_decodes(monkeypatch), collections.Counter()
+  crop_job = tfds_common.crop_job
+
+  def counted(job, *args):
+    crops[job] += 1
+    return crop_job(job, *args)
+  monkeypatch.setattr(tfds_common, "crop_job", counted)
+  assert fec.prepare(root / "manual", tmp_path / "data", image_size=SIZE, margin=0.25)[1]
+  monkeypatch.undo()
+  distinct, files, uses = collections.Counter(), collections.Counter(), 0
+  for split in ("train", "test"):
+    csv_path = root / "manual" / "FEC_dataset" / fec.CSVS[split]
+    jobs = {line: fec._jobs(t, images) for line, f in tfds_common.csv_rows(csv_path)
+            if isinstance(t := fec._parse(f), fec.Triplet)}  # of every row that parses
+    faces = {j for row in jobs.values() for j in row}
+    assert report[split]["distinct faces referenced"] == len(faces)
+    distinct.update(faces)
+    uses += 3 * len(jobs)
+    files.update({j.path for j in faces if os.path.isfile(j.path)  # missing files and the
+                  and pathlib.Path(j.path).read_bytes()[:2] == b"\xff\xd8"})  # PNG: no decode
+    for data in (root / "data", tmp_path / "data"):
+      raw = tfds_common.data_source(fec.Fec, config, split, data, "")
+      assert len(raw) == sum(row.expect == "written" for row in truth[split])
+      for i in range(len(raw)):
+        per_row = tfds_common.crop_jobs(jobs[raw[i]["line"]], config)
+        assert list(raw[i]["images"]) == list(per_row)
+  assert (uses, sum(distinct.values()), sum(files.values())) == (39, 21, 12)  # of the fixture
+  assert crops == distinct and decodes == files
+
+  def broken(*args, **kwargs):
+    raise RuntimeError("a worker failed")
+  monkeypatch.setattr(tfds_common, "crop_each", broken)
+  with pytest.raises(RuntimeError, match="a worker failed"):
+    fec.prepare(root / "manual", tmp_path / "failed", image_size=SIZE, margin=0.25)
+  assert not [p for p in (tmp_path / "failed").rglob("*") if p.is_file()]
 
 
 def test_fec_image_folder_convention_errors(fec_data, tmp_path):

@@ -25,6 +25,7 @@ dead Flickr link may serve instead) counts as an unreadable image. Malformed lin
 import os
 import pathlib
 import posixpath
+import tempfile
 import urllib.parse
 from typing import NamedTuple
 
@@ -164,19 +165,45 @@ class Fec(tfds.core.GeneratorBasedBuilder):
           report.skip("missing image", line, f"{os.path.basename(absent[0])} (from the URL "
                       f"{t.urls[paths.index(absent[0])]})")
           continue
-        yield line, t, tuple(tfds_common.Job(p, b, fractional=True, jpeg_only=_is_jpeg_url(u))
-                             for p, b, u in zip(paths, t.boxes, t.urls))
+        yield line, t, _jobs(t, images)
 
-    for line, t, crops in tfds_common.crop_rows(self, rows(), report, images,
-                                                f"fec {csv_path.name}"):
-      report.written[split] += 1
-      yield line, {"images": list(crops), "label": t.label, "triplet_type": t.triplet_type,
-                   "annotations": list(t.votes), "annotators": list(t.annotators),
-                   "line": line, "urls": list(t.urls)}
+    # A face serves ~10 triplets: each is cropped once, into a file (the real set's crops are
+    # ~1.5 GB) that the OS deletes however this ends, then the triplets are read from it.
+    what = f"fec {csv_path.name}"
+    with tempfile.TemporaryFile(dir=self.data_dir) as store:
+      faces = tfds_common.crop_distinct(  # the faces of every row that parses (missing: Skip)
+          self, (job for _, f in tfds_common.csv_rows(csv_path)
+                 if isinstance(t := _parse(f), Triplet) for job in _jobs(t, images)),
+          store, f"{what}, cropping each distinct face")
+      progress = tfds_common.Progress(what, report.lines)
+      for line, t, jobs in rows():
+        progress.update(line, report)
+        failed = [faces[j] for j in jobs if isinstance(faces[j], tfds_common.Skip)]
+        if failed:  # the first face that failed, as tfds_common.crop_jobs says it
+          report.skip(failed[0].reason, line,
+                      f"{os.path.relpath(failed[0].path, images)}: {failed[0].detail}")
+          continue
+        report.written[split] += 1
+        yield line, {"images": [_read(store, *faces[j]) for j in jobs], "label": t.label,
+                     "triplet_type": t.triplet_type, "annotations": list(t.votes),
+                     "annotators": list(t.annotators), "line": line, "urls": list(t.urls)}
+      progress.update(report.lines, report, force=True)
     report.extra.update({"distinct images referenced": len(referenced),
-                         "distinct images missing": len(missing)})
+                         "distinct images missing": len(missing),
+                         "distinct faces referenced": len(faces)})
     self.info.metadata[split] = report.as_dict()
     tfds_common.check_written(report, split)
+
+
+def _jobs(t: Triplet, images: pathlib.Path) -> tuple[tfds_common.Job, ...]:
+  """The crops of a triplet's three faces."""
+  return tuple(tfds_common.Job(os.fspath(images / image_name(u)), b, fractional=True,
+                               jpeg_only=_is_jpeg_url(u)) for u, b in zip(t.urls, t.boxes))
+
+
+def _read(f, offset: int, length: int) -> bytes:
+  f.seek(offset)
+  return f.read(length)
 
 
 def _is_jpeg_url(url: str) -> bool:
