@@ -67,9 +67,7 @@ def test_orbax_logs_only_its_warnings():
 @pytest.mark.parametrize("override,message", [
     ("--config.teacher.num_stepz=3",
      """error: the config has no key 'num_stepz'; Did you mean "num_steps" instead of "num_stepz"?"""),
-    ("--config.modle.width=1", """error: the config has no key 'modle'; Did you mean "model" """),
     ("--config.teacher.num_steps=-1", "error: config.teacher.num_steps=-1: must be >= 0"),
-    ("--config.data.source=tfds", "error: config.data.source='tfds', config.data.data_dir=''"),
     ("--config=configs/teacher.py:small", "error: ValueError: config argument 'small': 'tiny'"),
     ("--config=configs/nowhere.py", "[Errno 2] No such file or directory: 'configs/nowhere.py'")])
 def test_cli_reports_a_config_mistake_in_one_line(tmp_path, override, message):

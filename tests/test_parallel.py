@@ -74,7 +74,7 @@ def _assert_same(a, b):
 
 
 @pytest.mark.parametrize("stage", ["teacher", "student"])
-def test_face_steps_agree_on_1_and_8_devices_and_under_pmap(face, stage):
+def test_face_steps_agree_on_1_and_8_devices_and_the_student_under_pmap(face, stage):
   config, batches = face
   cfg, batches = config[stage], batches[stage]
   kw = dict(weights=dict(cfg.loss), margins=tuple(cfg.triplet_margins))
@@ -84,13 +84,15 @@ def test_face_steps_agree_on_1_and_8_devices_and_under_pmap(face, stage):
     step = functools.partial(steps.distill_step, temperature=cfg.temperature, **kw)
     args = (_face_state(config, "teacher", seed=7).variables,)
   results = {}
+  # pmap for the student step alone: the same loss terms and BatchNorm, and the teacher's
+  # variables as an argument (one program less to compile in CI: ~30 s on 2 cores).
   for name, par in (("1", _one_device()), ("8", parallel.DataParallel("jit")),
-                    ("pmap", parallel.DataParallel("pmap"))):
+                    *((("pmap", parallel.DataParallel("pmap")),) if stage == "student" else ())):
     state = _face_state(config, stage, axis_name=par.axis_name)
     results[name], compiled = _train(par, step, state, args, batches)
     assert compiled == 1, name
-  _assert_same(results["8"], results["1"])
-  _assert_same(results["pmap"], results["1"])
+  for name in results:
+    _assert_same(results[name], results["1"])
 
 
 def _features(n: int, frames: int = 60) -> dict[str, np.ndarray]:
