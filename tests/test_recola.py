@@ -211,9 +211,13 @@ def test_an_interrupted_preparation_resumes_from_its_finished_recordings(
   assert sorted(p.name for p in spill.glob("*.json")) == ["train_1.json", "train_2.json"]
   processed.clear()
   monkeypatch.setattr(recola, "process", process)
+  killed = data / "recola" / "48px_margin0.1" / "incomplete.ABC123_1.0.0"  # as SIGKILL leaves it
+  killed.mkdir()
+  (killed / "recola-train.array_record-00000-of-00001").write_bytes(b"x" * 1000)
   resumed, fresh = recola.prepare(root / "manual", data, image_size=SIZE, margin=MARGIN,
                                   detector_options=FAST)
   assert fresh and processed == ["dev_1", "dev_2", "dev_3"] and not list(data.glob("recola_*"))
+  assert not killed.exists()
   drop_time = lambda r: [{k: v for k, v in x.items() if k not in ("frames_per_s", "seconds")}
                          for x in r["recordings"]]
   for split in ("train", "dev"):

@@ -371,6 +371,10 @@ def prepare(builder, manual_dir) -> tuple[dict, bool]:
     raise FileNotFoundError(f"--manual_dir={manual_dir}: no such folder; give the folder of the "
                             "downloaded data set (see the builder's docstring for its layout)")
   if fresh:
+    # What a preparation that was killed left (tfds removes its folder only on an exception).
+    for stale in epath.Path(builder.data_path).parent.glob(f"incomplete.*_{builder.version}"):
+      logging.warning("removing %s, left by a preparation that stopped", stale)
+      stale.rmtree()
     try:
       builder.download_and_prepare(
           download_config=tfds.download.DownloadConfig(manual_dir=os.fspath(manual_dir)))
