@@ -170,7 +170,8 @@ class Fec(tfds.core.GeneratorBasedBuilder):
     # A face serves ~10 triplets: each is cropped once, into a file (the real set's crops are
     # ~1.5 GB) that the OS deletes however this ends, then the triplets are read from it.
     what = f"fec {csv_path.name}"
-    with tempfile.TemporaryFile(dir=self.data_dir) as store:
+    local = os.fspath(self.data_dir) if os.path.isdir(self.data_dir) else None  # not gs://
+    with tempfile.TemporaryFile(dir=local) as store:
       faces = tfds_common.crop_distinct(  # the faces of every row that parses (missing: Skip)
           self, (job for _, f in tfds_common.csv_rows(csv_path)
                  if isinstance(t := _parse(f), Triplet) for job in _jobs(t, images)),
