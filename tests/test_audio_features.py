@@ -153,6 +153,48 @@ def test_silence_is_log_offset():
   assert np.all(mel_TxF == af.SILENCE) and af.SILENCE == np.log(np.float32(0.01))
 
 
+@pytest.mark.parametrize("block_frames", [1, 97, 698, 699])
+def test_log_mel_in_blocks_equals_one_shot(monkeypatch, block_frames):
+  """7 s, 698 frames: a frame a block; 8 blocks, the last of 19 frames; one block just fitting; one
+  block larger than the whole."""
+  wav = np.concatenate([_tone("chirp", 4.0), _tone("noise", 3.0)])
+  frames_TxW = np.lib.stride_tricks.sliding_window_view(wav.astype(np.float32), 400)[::160]
+  one_shot_TxF = np.log(np.abs(np.fft.rfft(frames_TxW * af._periodic_hann(), n=512)).astype(
+      np.float32) @ af._mel_matrix() + np.float32(0.01))  # the whole signal at once, as before
+  monkeypatch.setattr(af, "BLOCK_FRAMES", block_frames)
+  mel_TxF = af.log_mel_spectrogram(wav)
+  assert mel_TxF.shape == one_shot_TxF.shape == (698, 64) and mel_TxF.dtype == np.float32
+  np.testing.assert_allclose(mel_TxF, one_shot_TxF, rtol=1e-6, atol=1e-6)  # seen: 4.8e-7
+
+
+def _examples_by_padding(mel_TxF: np.ndarray, times_s: np.ndarray) -> np.ndarray:
+  """`examples_at` as first written: pads the whole log-mel with silence, then indexes it."""
+  start_N = np.rint(times_s * 100).astype(np.int64) - 48
+  lo, hi = max(0, -start_N.min()), max(0, start_N.max() + 96 - len(mel_TxF))
+  padded_TxF = np.pad(mel_TxF, ((lo, hi), (0, 0)), constant_values=af.SILENCE)
+  return padded_TxF[start_N[:, None] + lo + np.arange(96)]
+
+
+def test_examples_at_equals_padding_the_whole_log_mel():
+  mel_TxF = af.log_mel_spectrogram(_tone("chirp", 3.0))  # 298 frames
+  rng = np.random.default_rng(0)
+  for times_s in ([1.5], [0.0, 0.04], [2.9, 3.5], [-2.0, -1.0], [10.0], [-1.0, 5.0],
+                  rng.uniform(-1, 4, 32), np.sort(rng.uniform(0, 3, 32))):
+    times_s = np.asarray(times_s)
+    np.testing.assert_array_equal(af.examples_at(mel_TxF, times_s),
+                                  _examples_by_padding(mel_TxF, times_s))
+  np.testing.assert_array_equal(  # float64 log-mels are read as float32, as before
+      af.examples_at(mel_TxF.astype(np.float64), times_s), af.examples_at(mel_TxF, times_s))
+  # A 10^9-frame (116 day) log-mel that takes no memory: padding it whole would need 256 GB.
+  huge_TxF = np.broadcast_to(mel_TxF[100], (10 ** 9, 64))
+  windows = af.examples_at(huge_TxF, np.array([0.0, 5e6, 1e7 - 0.2]))
+  np.testing.assert_array_equal(windows[0, :48], af.SILENCE)
+  np.testing.assert_array_equal(windows[0, 48:], huge_TxF[:48])
+  np.testing.assert_array_equal(windows[1], huge_TxF[:96])
+  np.testing.assert_array_equal(windows[2, :68], huge_TxF[:68])
+  np.testing.assert_array_equal(windows[2, 68:], af.SILENCE)
+
+
 def test_examples_at_windows_and_padding():
   mel_TxF = af.log_mel_spectrogram(_tone("chirp", 3.0))
   num_frames = mel_TxF.shape[0]  # 298

@@ -34,6 +34,9 @@ FRAME_RATE = 1.0 / STFT_HOP_SECONDS  # log-mel frames per second: 100
 NUM_FRAMES = round(EXAMPLE_WINDOW_SECONDS * FRAME_RATE)  # 96
 EXAMPLE_HOP_FRAMES = round(EXAMPLE_HOP_SECONDS * FRAME_RATE)  # 96
 SILENCE = np.log(np.float32(LOG_OFFSET))  # the log-mel value of digital silence
+# log_mel_spectrogram's frames per block (60 s): bounds its [frames, 400] and [frames, 257]
+# temporaries (~80 MB a block) however long the recording.
+BLOCK_FRAMES = 6000
 
 
 def to_mono_16k(waveform: np.ndarray, sample_rate: float) -> np.ndarray:
@@ -121,16 +124,22 @@ def log_mel_spectrogram(waveform_16k: np.ndarray) -> np.ndarray:
   """Returns the [T, 64] float32 log-mel spectrogram of a 16 kHz mono waveform [N].
 
   T = 1 + (N - 400) // 160 complete frames (0 when N < 400); the incomplete tail is dropped.
+  Computed BLOCK_FRAMES frames at a time: the same frames as in one go, to float32 rounding (the
+  mel product may sum in another order for another number of rows).
   """
   x_N = np.asarray(waveform_16k, np.float32)
   if x_N.ndim != 1:
     raise ValueError(f"log_mel_spectrogram wants a 1-D 16 kHz waveform, got shape {x_N.shape}")
   if x_N.shape[0] < WINDOW_SAMPLES:
     return np.zeros((0, NUM_BANDS), np.float32)
+  # A view of x_N (no copy): its blocks of rows overlap in samples just as the frames do.
   frames_TxW = np.lib.stride_tricks.sliding_window_view(x_N, WINDOW_SAMPLES)[::HOP_SAMPLES]
-  magnitude_TxK = np.abs(np.fft.rfft(frames_TxW * _periodic_hann(), n=FFT_LENGTH, axis=-1))
-  mel_TxF = magnitude_TxK.astype(np.float32) @ _mel_matrix()
-  return np.log(mel_TxF + np.float32(LOG_OFFSET))
+  mel_TxF = np.empty((frames_TxW.shape[0], NUM_BANDS), np.float32)
+  for start in range(0, frames_TxW.shape[0], BLOCK_FRAMES):
+    block_BxW = frames_TxW[start:start + BLOCK_FRAMES]
+    magnitude_BxK = np.abs(np.fft.rfft(block_BxW * _periodic_hann(), n=FFT_LENGTH, axis=-1))
+    mel_TxF[start:start + BLOCK_FRAMES] = magnitude_BxK.astype(np.float32) @ _mel_matrix()
+  return np.log(mel_TxF + np.float32(LOG_OFFSET), out=mel_TxF)
 
 
 def waveform_to_examples(waveform: np.ndarray, sample_rate: float) -> np.ndarray:
@@ -153,16 +162,16 @@ def examples_at(log_mel_TxF: np.ndarray, times_s: np.ndarray) -> np.ndarray:
   The window for time t starts at frame round(t * 100) - 48; frames outside the recording read as
   log(0.01), exactly what digital silence gives.
   """
-  mel_TxF = np.asarray(log_mel_TxF, np.float32)
+  mel_TxF = np.asarray(log_mel_TxF)  # not converted to float32 whole: only the rows gathered
   t_N = np.asarray(times_s, np.float64)
   if mel_TxF.ndim != 2:
     raise ValueError(f"log_mel_TxF must be 2-D [frames, bands], got shape {mel_TxF.shape}")
   if t_N.ndim != 1 or not np.all(np.isfinite(t_N)):
     raise ValueError(f"times_s must be a 1-D array of finite seconds, got shape {t_N.shape}")
   start_N = np.rint(t_N * FRAME_RATE).astype(np.int64) - NUM_FRAMES // 2  # rint: like round()
-  if start_N.size == 0:
-    return np.zeros((0, NUM_FRAMES, mel_TxF.shape[1]), np.float32)
-  pad_lo = max(0, -int(start_N.min()))
-  pad_hi = max(0, int(start_N.max()) + NUM_FRAMES - mel_TxF.shape[0])
-  padded_TxF = np.pad(mel_TxF, ((pad_lo, pad_hi), (0, 0)), constant_values=SILENCE)
-  return padded_TxF[start_N[:, None] + pad_lo + np.arange(NUM_FRAMES)]
+  # Gathers the windows' own rows only: callers ask a long recording for a few windows at a time.
+  frame_NxW = start_N[:, None] + np.arange(NUM_FRAMES)
+  inside_NxW = (frame_NxW >= 0) & (frame_NxW < mel_TxF.shape[0])
+  windows_NxWxF = np.full((*frame_NxW.shape, mel_TxF.shape[1]), SILENCE, np.float32)
+  windows_NxWxF[inside_NxW] = mel_TxF[frame_NxW[inside_NxW]]
+  return windows_NxWxF
