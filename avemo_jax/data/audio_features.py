@@ -65,7 +65,7 @@ def to_mono_16k(waveform: np.ndarray, sample_rate: float) -> np.ndarray:
     raise ValueError(f"waveform has {np.size(x) - np.isfinite(x).sum()} non-finite samples")
   if x.ndim == 2:
     x = x.mean(axis=0 if x.shape[0] < x.shape[1] else 1)
-  x = x.astype(np.float32)
+  x = x.astype(np.float32, copy=False)
   if sample_rate != SAMPLE_RATE:
     if x.shape[0] * SAMPLE_RATE < sample_rate:  # resampy refuses what resamples to no sample
       return np.zeros(0, np.float32)

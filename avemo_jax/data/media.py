@@ -212,9 +212,11 @@ def load_audio(path) -> np.ndarray:
     to_float = av.AudioResampler(format="fltp", layout=stream.layout, rate=stream.rate)
     chunks = [planar.to_ndarray().mean(axis=0, dtype=np.float32)
               for frame in _decode(container, stream, path) for planar in to_float.resample(frame)]
-    if not chunks or not sum(map(len, chunks)):
+    native = np.concatenate(chunks) if chunks else np.zeros(0, np.float32)
+    del chunks  # one copy of the sound at its own rate, not two, while it is resampled
+    if not len(native):
       raise ValueError(f"{path}: the audio stream has no decodable sample; re-encode the file")
-    waveform = audio_features.to_mono_16k(np.concatenate(chunks), stream.rate)
+    waveform = audio_features.to_mono_16k(native, stream.rate)
     seconds = len(waveform) / audio_features.SAMPLE_RATE
     header = _seconds(stream.duration, stream.time_base)
     if header is not None and seconds < header - _TRUNCATED_S:
