@@ -1,16 +1,16 @@
 """`run(main)`: absl's app.run for the main job and the tools. Bad input is one "error:" line and
 exit status 1 instead of a traceback: a flag or config override that does not parse or names no
-config key, a config file that does not load, and a missing path or a value that does not fit
-that the job finds (FileNotFoundError, ValueError, each naming the culprit; --verbosity=1 shows
-where it was raised). A string flag or config field that starts with "~" is under the user's home, as in a
-shell (bash leaves `--workdir=~/x` as it is)."""
+config key, a config file that does not load, and a missing path, an unreadable file or a value
+that does not fit that the job finds (FileNotFoundError, PermissionError, ValueError, each naming
+the culprit; --verbosity=1 shows where it was raised). A string flag or config field that starts
+with "~" is under the user's home, as in a shell (bash leaves `--workdir=~/x` as it is)."""
 import os
 import sys
 
 import ml_collections
 from absl import app, flags, logging
 
-_BAD_INPUT = (FileNotFoundError, ValueError)
+_BAD_INPUT = (FileNotFoundError, PermissionError, ValueError)
 
 
 def _unwrapped(e: BaseException) -> str:

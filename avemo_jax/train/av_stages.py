@@ -190,8 +190,8 @@ def dev_recordings(config) -> tuple[list[str], list[dict[str, np.ndarray]]]:
     if len(recordings) < recola_files.DEV_RECORDINGS:
       logging.warning("the dev CCCs cover %d of RECOLA's %d dev recordings (%s): the others were "
                       "skipped when prepared (prepare_recola.py's report says why); they are not "
-                      "comparable with published numbers", len(recordings), recola_files.DEV_RECORDINGS,
-                      ", ".join(recordings.names))
+                      "comparable with published numbers", len(recordings),
+                      recola_files.DEV_RECORDINGS, ", ".join(recordings.names))
     return recordings.names, [{"face not detected": ~recordings[r].detected}
                               for r in range(len(recordings))]
   return recordings.names, [{"voice silent": ~rec.speaking, "face hidden": ~rec.visible} for rec in
