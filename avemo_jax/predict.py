@@ -95,16 +95,6 @@ class VideoPrediction:
   summary: dict[str, Any]  # what predictions.json holds
 
 
-def _first_face(path, detector: faces.FaceDetector, every: int) -> tuple[float, np.ndarray]:
-  """(time, frame) of the first label frame (among every n-th) with a face."""
-  count = 0
-  for count, (t, frame) in enumerate(media.video_frames(path, FPS), 1):
-    if (count - 1) % every == 0 and len(detector.detect(frame)):
-      return t, frame
-  raise ValueError(f"{path}: no face found in any of its {count} frames at {FPS} Hz; check the "
-                   "video (faces must be upright and frontal, at least a tenth of the frame)")
-
-
 def _sound(path, info: media.MediaInfo) -> tuple[np.ndarray | None, str | None]:
   """(16 kHz mono waveform from the first video frame on, None), or (None, why the video's sound
   cannot be used). The audio stream starting `info.audio_start_s - info.video_start_s` after the
@@ -174,12 +164,14 @@ def _visual(face: exported.Model, path, detector, detect_every, smooth, batch):
   """(times [T], detected [T], boxes [T, 4], features [T, Dv]): the face tracked and cropped
   at 25 Hz as RECOLA's preparation does, and the face export's feature of each crop."""
   prep = face.manifest["preprocessing"]
-  first = _first_face(path, detector, detect_every)
-  # The first face frame goes first (as recola_worker does): earlier frames take its box.
-  tracked = faces.track(itertools.chain([first], media.video_frames(path, FPS)), detector,
-                        margin=prep["crop_margin"], size=prep["crop_size"], name=str(path),
-                        smooth=smooth, detect_every=detect_every, max_lead=1)
-  next(tracked)
+  # A first pass finds the first face, whose box the frames before it take (as recola_worker).
+  box = faces.first_box(media.video_frames(path, FPS), detector, detect_every)
+  if box is None:
+    raise ValueError(f"{path}: no face found in any of its frames at {FPS} Hz; check the video "
+                     "(faces must be upright and frontal, at least a tenth of the frame)")
+  tracked = faces.track(media.video_frames(path, FPS), detector, margin=prep["crop_margin"],
+                        size=prep["crop_size"], name=str(path), smooth=smooth,
+                        detect_every=detect_every, box=box)
   times, detected, boxes, feats = [], [], [], []
   for chunk in iter(lambda: list(itertools.islice(tracked, batch)), []):
     times += [f.time_s for f in chunk]

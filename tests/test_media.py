@@ -272,6 +272,23 @@ def test_track_detect_every_and_smooth(gaps_video, fast_detector):
   np.testing.assert_array_equal(out[7].box, out[6].box)  # frame 7 not searched: carried
 
 
+def test_track_from_a_first_pass_box(gaps_video, fast_detector):
+  """As predict and prepare_recola run it: a first pass finds the first face on the detection
+  grid (frames 0, 3, 6, ..), the track starts from its box and searches on the same grid; a
+  frame before the first face is not flagged as detected."""
+  path = gaps_video[0]
+  box = faces.first_box(media.video_frames(path), fast_detector, every=3)
+  np.testing.assert_array_equal(box, fast_detector.detect(frame_at(path, 6))[0, :4])
+  out = list(faces.track(media.video_frames(path), fast_detector, margin=0.2, size=64,
+                         detect_every=3, box=box))
+  has_face = [len(fast_detector.detect(f)) > 0 for _, f in media.video_frames(path)]
+  assert [o.detected for o in out] == [has_face[k - k % 3] for k in range(len(out))]
+  assert not any(has_face[:5]) and all(has_face[5:20])
+  assert all((o.box == box).all() for o in out[:9])  # frames 7 and 8 carry frame 6's box
+  no_face = ((k / 25, np.zeros((120, 160, 3), np.uint8)) for k in range(4))
+  assert faces.first_box(no_face, fast_detector) is None
+
+
 def test_portrait_video_frames_come_out_upright(tmp_path, detector):
   """As a phone stores a portrait video: frames turned by +90 degrees, a display matrix that
   turns them back; they come out as a player shows them."""

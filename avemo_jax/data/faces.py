@@ -128,12 +128,13 @@ class TrackedFace(NamedTuple):
 
 def track(frames: Iterable[tuple[float, np.ndarray]], detector: FaceDetector, *, margin: float,
           size: int, name: str = "video", smooth: float = 0.0, detect_every: int = 1,
-          max_lead: int = 125) -> Iterator[TrackedFace]:
+          max_lead: int = 125, box: np.ndarray | None = None) -> Iterator[TrackedFace]:
   """Streams one face crop per (time_s, frame) of `frames`, e.g. `media.video_frames(path)`.
 
   Each frame takes the best detection (`FaceDetector.detect` order). A frame without one carries
   the last detected box; frames before the first detection (at most `max_lead` of them are held in
-  memory) take the first detected box. Count `detected == False` to report misses.
+  memory) take the first detected box, or `box` when given (`first_box` of a first pass over the
+  video: then no frame is held). Count `detected == False` to report misses.
 
   Args:
     name: the file name for error messages.
@@ -146,7 +147,7 @@ def track(frames: Iterable[tuple[float, np.ndarray]], detector: FaceDetector, *,
   """
   if not 0 <= smooth < 1 or detect_every < 1:
     raise ValueError(f"need 0 <= smooth < 1 and detect_every >= 1, got {smooth}, {detect_every}")
-  box, lead, found = None, [], False
+  box, lead, found = None if box is None else np.asarray(box, np.float32), [], False
   for index, (time_s, frame) in enumerate(frames):
     if index % detect_every == 0 or box is None:
       faces = detector.detect(frame)
@@ -167,6 +168,16 @@ def track(frames: Iterable[tuple[float, np.ndarray]], detector: FaceDetector, *,
   if box is None:
     raise ValueError(f"{name}: no face found in any of its {len(lead)} frames; check the video "
                      "(faces must be upright and frontal, at least a tenth of the frame)")
+
+
+def first_box(frames: Iterable[tuple[float, np.ndarray]], detector: FaceDetector,
+              every: int = 1) -> np.ndarray | None:
+  """The best detected box of the first frame showing a face among every n-th of `frames` (the
+  grid `track(..., detect_every=every)` searches), or None."""
+  for index, (_, frame) in enumerate(frames):
+    if index % every == 0 and len(found := detector.detect(frame)):
+      return found[0, :4]
+  return None
 
 
 def load_image(path) -> np.ndarray:

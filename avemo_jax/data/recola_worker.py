@@ -33,14 +33,6 @@ class Job(NamedTuple):
   log: bool  # log progress here (when run in the main process)
 
 
-def _first_face(path, detector: faces.FaceDetector, every: int):
-  """(time, frame) of the first frame (among every n-th) with a face, or None."""
-  for k, (t, frame) in enumerate(media.video_frames(path, FPS)):
-    if k % every == 0 and len(detector.detect(frame)):
-      return t, frame
-  return None
-
-
 def _fit(audio: np.ndarray, length: int) -> tuple[np.ndarray, list[str]]:
   """`audio` cut or zero-padded to `length` samples, and a note saying which."""
   if len(audio) > length:
@@ -57,15 +49,14 @@ def _crop_video(job: Job, crops_path: str) -> tuple[list, list, int] | None:
   length-prefixed JPEGs; returns (boxes, detected flags, frames left after those, up to 1 s + 1),
   or None when no frame shows a face. Raises ValueError for a video that cannot be decoded."""
   c, rows = job.checked, len(job.checked.labels)
-  first = _first_face(c.files.video, job.detector, job.detect_every)
-  if first is None:
+  # A first pass finds the first face: frames before it take its box, and no frames are held.
+  box = faces.first_box(media.video_frames(c.files.video, FPS), job.detector, job.detect_every)
+  if box is None:
     return None
   stream = media.video_frames(c.files.video, FPS)
-  # The first face frame goes first: frames before it take its box, and no frames are held.
-  tracked = faces.track(itertools.chain([first], itertools.islice(stream, rows)), job.detector,
-                        margin=job.margin, size=job.size, name=str(c.files.video),
-                        smooth=job.smooth, detect_every=job.detect_every, max_lead=1)
-  next(tracked)
+  tracked = faces.track(itertools.islice(stream, rows), job.detector, margin=job.margin,
+                        size=job.size, name=str(c.files.video), smooth=job.smooth,
+                        detect_every=job.detect_every, box=box)
   progress = _Progress(os.path.join(job.spill, f"{c.files.name}.progress"), c.files.name, rows,
                        job.log)
   boxes, detected = [], []
