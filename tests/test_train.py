@@ -176,6 +176,27 @@ def test_worker_processes_give_the_same_batches_and_resume():
   jax.tree.map(np.testing.assert_array_equal, runs[0], runs[2])
 
 
+def test_augment_against_hand_computation():
+  """Crop from the edge-padded image, flip, then brightness, saturation (about each pixel's
+  grey) and contrast (about the image mean), rounded to the nearest grey level."""
+  image = np.random.default_rng(0).integers(0, 256, (12, 10, 3), np.uint8)
+  assert (pipeline.augment(image, np.random.default_rng(1), pad=0, flip=False, jitter=0)
+          == image).all()
+  for seed in range(4):
+    out = pipeline.augment(image, np.random.default_rng(seed), pad=3, flip=True, jitter=0.3)
+    rng = np.random.default_rng(seed)  # the same draws, in the same order
+    top, left = rng.integers(0, 7, size=2)
+    x = np.pad(image, ((3, 3), (3, 3), (0, 0)), mode="edge")[top:top + 12, left:left + 10]
+    x = x[:, ::-1] if rng.random() < 0.5 else x
+    brightness, contrast, saturation = 1 + rng.uniform(-0.3, 0.3, size=3)
+    x = x.astype(np.float64) * brightness
+    x = x.mean(-1, keepdims=True) + saturation * (x - x.mean(-1, keepdims=True))
+    expected = np.round(np.clip(x.mean() + contrast * (x - x.mean()), 0, 255))
+    diff = out.astype(np.float64) - expected  # float32 against float64: a .5 may round apart
+    assert out.dtype == np.uint8 and out.shape == image.shape
+    assert np.abs(diff).max() <= 1 and np.abs(diff).mean() < 0.01
+
+
 def test_small_datasets_come_in_equal_shares_in_a_new_order_every_pass():
   """9 recordings, drawn as blocks of 112 shuffled copies of each (Grain's shuffle is slow on
   small datasets): every recording equally often per block, in another order in each block."""

@@ -89,7 +89,7 @@ def augment(image_HxWx3: np.ndarray, rng: np.random.Generator, *, pad: int, flip
     grey = x.mean(axis=-1, keepdims=True)
     x = grey + saturation * (x - grey)
     x = x.mean() + contrast * (x - x.mean())
-    x = np.clip(x, 0, 255)
+    x = np.clip(x, 0, 255) + 0.5  # round, not truncate, in the cast
   return np.ascontiguousarray(x, dtype=np.uint8)
 
 
