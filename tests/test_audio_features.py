@@ -169,7 +169,7 @@ def test_log_mel_in_blocks_equals_one_shot(monkeypatch, block_frames):
 
 def _examples_by_padding(mel_TxF: np.ndarray, times_s: np.ndarray) -> np.ndarray:
   """`examples_at` as first written: pads the whole log-mel with silence, then indexes it."""
-  start_N = np.rint(times_s * 100).astype(np.int64) - 48
+  start_N = np.rint(times_s * 100 - 48.75).astype(np.int64)
   lo, hi = max(0, -start_N.min()), max(0, start_N.max() + 96 - len(mel_TxF))
   padded_TxF = np.pad(mel_TxF, ((lo, hi), (0, 0)), constant_values=af.SILENCE)
   return padded_TxF[start_N[:, None] + lo + np.arange(96)]
@@ -188,11 +188,11 @@ def test_examples_at_equals_padding_the_whole_log_mel():
   # A 10^9-frame (116 day) log-mel that takes no memory: padding it whole would need 256 GB.
   huge_TxF = np.broadcast_to(mel_TxF[100], (10 ** 9, 64))
   windows = af.examples_at(huge_TxF, np.array([0.0, 5e6, 1e7 - 0.2]))
-  np.testing.assert_array_equal(windows[0, :48], af.SILENCE)
-  np.testing.assert_array_equal(windows[0, 48:], huge_TxF[:48])
+  np.testing.assert_array_equal(windows[0, :49], af.SILENCE)
+  np.testing.assert_array_equal(windows[0, 49:], huge_TxF[:47])
   np.testing.assert_array_equal(windows[1], huge_TxF[:96])
-  np.testing.assert_array_equal(windows[2, :68], huge_TxF[:68])
-  np.testing.assert_array_equal(windows[2, 68:], af.SILENCE)
+  np.testing.assert_array_equal(windows[2, :69], huge_TxF[:69])
+  np.testing.assert_array_equal(windows[2, 69:], af.SILENCE)
 
 
 def test_examples_at_windows_and_padding():
@@ -201,17 +201,25 @@ def test_examples_at_windows_and_padding():
   times_s = np.array([1.0, 1.234, 2.0, 0.0, 0.2, (num_frames - 1) / 100, 100.0])
   windows = af.examples_at(mel_TxF, times_s)
   assert windows.shape == (len(times_s), 96, 64) and windows.dtype == np.float32
-  for window, start in zip(windows[:3], (52, 75, 152)):  # interior: plain slices
+  for window, start in zip(windows[:3], (51, 75, 151)):  # interior: plain slices
     np.testing.assert_array_equal(window, mel_TxF[start:start + 96])
-  np.testing.assert_array_equal(windows[3, :48], af.SILENCE)  # t = 0 starts 48 frames early
-  np.testing.assert_array_equal(windows[3, 48:], mel_TxF[:48])
-  np.testing.assert_array_equal(windows[4, :28], af.SILENCE)
-  np.testing.assert_array_equal(windows[4, 28:], mel_TxF[:68])
-  np.testing.assert_array_equal(windows[5, :49], mel_TxF[-49:])  # last frame: 47 padded after
-  np.testing.assert_array_equal(windows[5, 49:], af.SILENCE)
+  np.testing.assert_array_equal(windows[3, :49], af.SILENCE)  # t = 0 starts 49 frames early
+  np.testing.assert_array_equal(windows[3, 49:], mel_TxF[:47])
+  np.testing.assert_array_equal(windows[4, :29], af.SILENCE)
+  np.testing.assert_array_equal(windows[4, 29:], mel_TxF[:67])
+  np.testing.assert_array_equal(windows[5, :50], mel_TxF[-50:])  # last frame: 46 padded after
+  np.testing.assert_array_equal(windows[5, 50:], af.SILENCE)
   np.testing.assert_array_equal(windows[6], af.SILENCE)
   label_times_s = np.arange(0, 3.0, 0.04)  # 25 Hz label frames
   assert af.examples_at(mel_TxF, label_times_s).shape == (75, 96, 64)
+  # Centred: 96 frames from frame s span 10 s .. 10 s + 975 ms (frame k: 10 k .. 10 k + 25 ms).
+  index_TxF = np.broadcast_to(np.arange(10000, dtype=np.float32)[:, None], (10000, 64))
+  times_s = np.random.default_rng(1).uniform(1, 90, 200)
+  centre_ms = af.examples_at(index_TxF, times_s)[:, 0, 0] * 10 + 975 / 2
+  assert np.abs(centre_ms - 1000 * times_s).max() <= 5
+  middles_s = (np.arange(13, 113) + 0.5) / 25  # of 40 ms label frames (inside): 2.5 ms early
+  centre_ms = af.examples_at(index_TxF, middles_s)[:, 0, 0] * 10 + 975 / 2
+  np.testing.assert_allclose(centre_ms - 1000 * middles_s, -2.5, atol=1e-6)
   assert af.examples_at(mel_TxF, np.zeros(0)).shape == (0, 96, 64)
 
 

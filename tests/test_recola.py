@@ -146,7 +146,7 @@ def test_recola_clips_are_the_fusion_stage_windows(recola_data):
   for r, offset in ((0, 0), (1, 51)):
     rec = recordings[r]
     log_mel = audio_features.log_mel_spectrogram(rec.audio)
-    padded = np.pad(rec.audio, (7360, 15600))
+    padded = np.pad(rec.audio, (7520, 15600))
     for i in (0, 1, 20, 25, 40):
       t = 5 * i
       item = ds[offset + i]
@@ -157,7 +157,7 @@ def test_recola_clips_are_the_fusion_stage_windows(recola_data):
         mel = audio_features.waveform_to_examples(item["audio"], 16000)
         np.testing.assert_allclose(mel, audio_features.examples_at(log_mel, [(t + 0.5) / 25]),
                                    atol=1e-4)
-  assert recola.clip_start(0) == -7360 and recola.clip_start(3) == 3 * 640 - 7360
+  assert recola.clip_start(0) == -7520 and recola.clip_start(3) == 3 * 640 - 7520
   copy = pickle.loads(pickle.dumps(clips))  # Grain worker processes get pickled sources
   np.testing.assert_array_equal(copy[60]["audio"], clips[60]["audio"])
   np.testing.assert_array_equal(pickle.loads(pickle.dumps(recordings)).frame(1, 5),

@@ -33,6 +33,9 @@ FFT_LENGTH = 1 << (WINDOW_SAMPLES - 1).bit_length()  # next power of two >= 400:
 FRAME_RATE = 1.0 / STFT_HOP_SECONDS  # log-mel frames per second: 100
 NUM_FRAMES = round(EXAMPLE_WINDOW_SECONDS * FRAME_RATE)  # 96
 EXAMPLE_HOP_FRAMES = round(EXAMPLE_HOP_SECONDS * FRAME_RATE)  # 96
+# 96 frames from frame s span 10 s .. 10 s + 975 ms (95 hops and a 25 ms window): their centre is
+# 48.75 frames (487.5 ms) after frame s starts.
+WINDOW_CENTRE_FRAMES = ((NUM_FRAMES - 1) * HOP_SAMPLES + WINDOW_SAMPLES) / 2 / HOP_SAMPLES
 SILENCE = np.log(np.float32(LOG_OFFSET))  # the log-mel value of digital silence
 # log_mel_spectrogram's frames per block (60 s): bounds its [frames, 400] and [frames, 257]
 # temporaries (~80 MB a block) however long the recording.
@@ -159,8 +162,9 @@ def waveform_to_examples(waveform: np.ndarray, sample_rate: float) -> np.ndarray
 def examples_at(log_mel_TxF: np.ndarray, times_s: np.ndarray) -> np.ndarray:
   """The 96-frame (0.96 s) log-mel windows centred on `times_s`, shape [len(times_s), 96, F].
 
-  The window for time t starts at frame round(t * 100) - 48; frames outside the recording read as
-  log(0.01), exactly what digital silence gives.
+  The window for time t starts at frame round(t * 100 - 48.75), which centres it within 5 ms of t
+  (2.5 ms early at the middle of a 40 ms frame); frames outside the recording read as log(0.01),
+  exactly what digital silence gives.
   """
   mel_TxF = np.asarray(log_mel_TxF)  # not converted to float32 whole: only the rows gathered
   t_N = np.asarray(times_s, np.float64)
@@ -168,7 +172,7 @@ def examples_at(log_mel_TxF: np.ndarray, times_s: np.ndarray) -> np.ndarray:
     raise ValueError(f"log_mel_TxF must be 2-D [frames, bands], got shape {mel_TxF.shape}")
   if t_N.ndim != 1 or not np.all(np.isfinite(t_N)):
     raise ValueError(f"times_s must be a 1-D array of finite seconds, got shape {t_N.shape}")
-  start_N = np.rint(t_N * FRAME_RATE).astype(np.int64) - NUM_FRAMES // 2  # rint: like round()
+  start_N = np.rint(t_N * FRAME_RATE - WINDOW_CENTRE_FRAMES).astype(np.int64)  # like round()
   # Gathers the windows' own rows only: callers ask a long recording for a few windows at a time.
   frame_NxW = start_N[:, None] + np.arange(NUM_FRAMES)
   inside_NxW = (frame_NxW >= 0) & (frame_NxW < mel_TxF.shape[0])

@@ -59,7 +59,7 @@ from avemo_jax.data.recola_worker import HOP, PROGRESS_EVERY_S, Job, frames_done
 
 # Audio clips hold exactly the samples of the 96 log-mel frames that `audio_features.examples_at`
 # centres on a frame's middle (what the fusion stage feeds the audio encoder): 15,600 samples
-# (0.975 s: 96 hops of 10 ms plus a 25 ms window), starting 7,360 samples before the frame.
+# (0.975 s: 96 hops of 10 ms plus a 25 ms window), starting 7,520 samples before the frame.
 CLIP_SAMPLES = (audio_features.NUM_FRAMES - 1) * audio_features.HOP_SAMPLES + \
     audio_features.WINDOW_SAMPLES
 
@@ -379,9 +379,9 @@ class Clips:
 
 def clip_start(t: int) -> int:
   """The first audio sample (may be negative) of frame t's clip: the log-mel frame
-  round((t + 0.5) * 0.04 * 100) - 48, times the 160-sample hop (= 640 t - 7360)."""
-  centre = round((t + 0.5) / FPS * audio_features.FRAME_RATE)
-  return (centre - audio_features.NUM_FRAMES // 2) * audio_features.HOP_SAMPLES
+  round((t + 0.5) * 0.04 * 100 - 48.75), times the 160-sample hop (= 640 t - 7520)."""
+  first = round((t + 0.5) / FPS * audio_features.FRAME_RATE - audio_features.WINDOW_CENTRE_FRAMES)
+  return first * audio_features.HOP_SAMPLES
 
 
 def clips(data_dir, split: str, *, stride: int = 1, image_size: int = 140,
