@@ -226,12 +226,15 @@ def test_read_torch_names_the_file_and_the_fix(tmp_path, name):
   assert str(raised.value).startswith(str(tmp_path / name))
 
 
-@pytest.mark.parametrize("entry", ["state_dict", "model"])
-def test_read_torch_unwraps_a_training_checkpoint(tmp_path, entry):
+@pytest.mark.parametrize("entry, prefix", [("state_dict", ""), ("model", "module."),
+                                           ("state_dict", "_orig_mod.module.")])
+def test_read_torch_unwraps_a_training_checkpoint(tmp_path, entry, prefix):
+  """A checkpoint's weights entry, the keys of a DataParallel or compiled model unprefixed."""
   torch = pytest.importorskip("torch")
   weights = {"fc.weight": torch.arange(6.0).reshape(2, 3),
              "bn.num_batches_tracked": torch.tensor(7)}
-  torch.save({entry: weights, "epoch": 3, "optimizer": {"state": {}}}, tmp_path / "run.pt")
+  torch.save({entry: {prefix + k: v for k, v in weights.items()}, "epoch": 3,
+              "optimizer": {"state": {}}}, tmp_path / "run.pt")
   got = convert.read_torch(tmp_path / "run.pt")
   assert got.keys() == weights.keys() and got["bn.num_batches_tracked"] == 7
   np.testing.assert_array_equal(got["fc.weight"], np.arange(6.0).reshape(2, 3))

@@ -31,6 +31,7 @@ from flax import traverse_util
 from avemo_jax.models import audio, inception_resnet
 
 StateDict = dict[str, np.ndarray]
+_WRAPPERS = ("module.", "_orig_mod.")  # key prefixes of a wrapped model's state dict
 _FACENET_HEADS = ("avgpool_1a", "dropout", "last_linear", "last_bn", "logits")
 _BN = {"weight": ("params", "scale"), "bias": ("params", "bias"),
        "running_mean": ("batch_stats", "mean"), "running_var": ("batch_stats", "var")}
@@ -230,6 +231,10 @@ def read_torch(path: str | pathlib.Path) -> StateDict:
     raise ValueError(f"{where} is not a state dict: {len(others)} of its {len(loaded)} entries are "
                      f"not tensors ({', '.join(_listed(others, 10))}): give "
                      f"{_TORCH_FILES}, or save model.state_dict()")
+  # (Distributed)DataParallel saves `module.<key>`, torch.compile `_orig_mod.<key>`: unwrap.
+  wrapped = lambda prefix: loaded and all(k.startswith(prefix) for k in loaded)
+  while wrap := next(filter(wrapped, _WRAPPERS), None):
+    loaded = {k[len(wrap):]: v for k, v in loaded.items()}
   return {k: v.detach().float().numpy() if v.is_floating_point() else v.numpy()
           for k, v in loaded.items()}
 

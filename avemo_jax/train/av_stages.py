@@ -137,9 +137,7 @@ def _fusion_stage(config, workdir: pathlib.Path, summary, par, write_summary, st
   lengths = dev["lengths"]
   names, gaps = dev_recordings(config)
   report, dev_predictions = {}, {}
-  for name in config.fusion.models:
-    if name not in MODEL_MODALITIES:
-      raise ValueError(f"config.fusion.models has {name!r}; choose from {tuple(MODEL_MODALITIES)}")
+  for name in config.fusion.models:  # names checked by stages._validate
     modalities = MODEL_MODALITIES[name]
     model = build.fusion_model(config.fusion, modalities)
     predict = jax.jit(lambda v, x, n, model=model: model.apply(v, x, n)[0])
