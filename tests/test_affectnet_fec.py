@@ -5,6 +5,7 @@ import json
 import os
 import pathlib
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -12,10 +13,11 @@ import tempfile
 import grain
 import numpy as np
 import pytest
+import tensorflow_datasets as tfds
 from PIL import Image, ImageFile
 
 import official_fixtures
-from avemo_jax.data import affectnet, faces, fec, recola, tfds_common, unlabelled
+from avemo_jax.data import affectnet, faces, fec, recola, spill, tfds_common, unlabelled
 
 SIZE = 48
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -273,7 +275,7 @@ def test_fec_read_back_through_grain(fec_data):
 def test_fec_crops_each_distinct_face_once(fec_data, tmp_path, monkeypatch):
   """Each distinct (file, box) of a split is cropped once and each file decoded once per split
   (faces of one file share a decode; none here needs a reduced scale), and the triplets are byte for byte
-  those of cropping each row's faces (tfds_common.crop_jobs), with the pool (fec_data) and
+  those of cropping each row's faces (tfds_common.crop_job), with the pool (fec_data) and
   without; a failure leaves no file behind."""
   root, truth, report = fec_data
   images, config = root / "manual" / "images", tfds_common.crop_config(SIZE, 0.25)
@@ -301,8 +303,8 @@ def test_fec_crops_each_distinct_face_once(fec_data, tmp_path, monkeypatch):
       raw = tfds_common.data_source(fec.Fec, config, split, data, "")
       assert len(raw) == sum(row.expect == "written" for row in truth[split])
       for i in range(len(raw)):
-        per_row = tfds_common.crop_jobs(jobs[raw[i]["line"]], config)
-        assert list(raw[i]["images"]) == list(per_row)
+        per_row = [tfds_common.crop_job(j, config) for j in jobs[raw[i]["line"]]]
+        assert list(raw[i]["images"]) == per_row
   assert (uses, sum(distinct.values()), sum(files.values())) == (39, 21, 12)  # of the fixture
   assert crops == distinct and decodes == files
 
@@ -370,3 +372,147 @@ def test_builders_leave_no_temporary_directory(builder, tmp_path, monkeypatch):
   made = builder(config=tfds_common.crop_config(SIZE, 0.0, 90), data_dir=tmp_path / "data")
   assert not made.is_prepared() and made.info.features is not None
   assert not list(temp.iterdir())
+
+
+_CROP_JOB, _CROP_EACH = tfds_common.crop_job, tfds_common.crop_each
+
+
+def _count_crops(monkeypatch, kill_after: int | None = None) -> collections.Counter:
+  """Counts the faces cropped here (by job) from now on; with `kill_after`, a Ctrl-C comes when
+  that many tasks (FEC: files, AffectNet: rows) have been cropped."""
+  crops, tasks = collections.Counter(), []
+
+  def crop_each(jobs, config):
+    if len(tasks) == kill_after:
+      raise KeyboardInterrupt  # as the user's Ctrl-C
+    tasks.append(jobs)
+    return _CROP_EACH(jobs, config)
+
+  def crop_job(job, *args):
+    crops[job] += 1
+    return _CROP_JOB(job, *args)
+  monkeypatch.setattr(tfds_common, "crop_each", crop_each)
+  monkeypatch.setattr(tfds_common, "crop_job", crop_job)
+  return crops
+
+
+def _examples(data_dir: pathlib.Path, builder, margin: float) -> dict[str, list[dict]]:
+  """Every field of every example of each prepared split, in order, as lists."""
+  path = data_dir / builder.name / tfds_common.crop_config(SIZE, margin).name / "1.0.0"
+  prepared = tfds.builder_from_directory(path)
+  out = {}
+  for split in prepared.info.splits:
+    source = prepared.as_data_source(split=split)
+    out[split] = [{k: np.asarray(v).tolist() for k, v in source[i].items()}
+                  for i in range(len(source))]
+  return out
+
+
+def _journaled(done: collections.Counter) -> collections.Counter:
+  """The jobs of `done` that a journal keeps: all but those of missing images."""
+  return collections.Counter(j for j in done if os.path.exists(j.path))
+
+
+def test_affectnet_interrupted_resumes_from_its_journal(affectnet_data, tmp_path, monkeypatch,
+                                                        caplog):
+  """Stopped by Ctrl-C, the crops made are kept; the same command again crops only the faces not
+  journaled (a missing image is looked for again) and writes what one uninterrupted run writes."""
+  root, _, report = affectnet_data
+  whole = _count_crops(monkeypatch)
+  affectnet.prepare(root / "manual", tmp_path / "whole", image_size=SIZE, margin=0.0)
+  data = tmp_path / "data"
+  done = _count_crops(monkeypatch, kill_after=16)
+  with pytest.raises(KeyboardInterrupt):
+    affectnet.prepare(root / "manual", data, image_size=SIZE, margin=0.0)
+  folder, = data.glob("affectnet_spill_48px_margin0_*")
+  assert [p.name for p in folder.iterdir() if p.stat().st_size] == ["train_7class.crops"]
+  assert f"kept in {folder}: the same command again resumes" in caplog.text
+  assert sum(done.values()) == 16 and len(_journaled(done)) == 15  # one image is missing
+  crops = _count_crops(monkeypatch)
+  with caplog.at_level("INFO"):
+    resumed, fresh = affectnet.prepare(root / "manual", data, image_size=SIZE, margin=0.0)
+  assert "resuming from 15 crops (1 of them skips)" in caplog.text  # the unreadable image
+  assert fresh and crops == whole - _journaled(done) and not list(data.glob("*_spill_*"))
+  assert resumed == report
+  assert _examples(data, affectnet.Affectnet, 0.0) == _examples(
+      root / "data", affectnet.Affectnet, 0.0)
+
+
+def test_fec_resumes_past_a_torn_journal_tail(fec_data, tmp_path, monkeypatch):
+  """A journal whose last record was cut short (a kill mid-write) resumes: that face alone is
+  cropped again, and the triplets and report are those of an uninterrupted run."""
+  root, _, report = fec_data
+  whole = _count_crops(monkeypatch)
+  fec.prepare(root / "manual", tmp_path / "whole", image_size=SIZE, margin=0.25)
+  data = tmp_path / "data"
+  done = _count_crops(monkeypatch, kill_after=4)
+  with pytest.raises(KeyboardInterrupt):
+    fec.prepare(root / "manual", data, image_size=SIZE, margin=0.25)
+  journal, = (p for p in data.glob("fec_spill_*/*.crops") if p.stat().st_size)
+  with open(journal, "r+b") as f:
+    f.truncate(journal.stat().st_size - 3)
+  torn = list(_journaled(done))[-1]
+  crops = _count_crops(monkeypatch)
+  resumed, fresh = fec.prepare(root / "manual", data, image_size=SIZE, margin=0.25)
+  assert fresh and crops == whole - _journaled(done) + collections.Counter([torn])
+  assert resumed == report and not list(data.glob("*_spill_*"))
+  assert _examples(data, fec.Fec, 0.25) == _examples(root / "data", fec.Fec, 0.25)
+
+
+def _touch(path) -> None:
+  """Moves a file's modification time a second on."""
+  st = os.stat(path)
+  os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+
+
+def test_a_journal_serves_only_its_settings_and_unchanged_images(affectnet_data, tmp_path,
+                                                                 monkeypatch):
+  """Another JPEG quality or a changed CSV starts a journal of its own (the same first faces are
+  cropped again); a journaled face whose image changed since is cropped again. Once the variant
+  is written, every spill folder of it is removed."""
+  root, _, _ = affectnet_data
+  manual, data = tmp_path / "manual", tmp_path / "data"
+  shutil.copytree(root / "manual", manual)
+  whole = _count_crops(monkeypatch)
+  affectnet.prepare(manual, tmp_path / "whole", image_size=SIZE, margin=0.0)
+  first = _count_crops(monkeypatch, kill_after=5)
+  with pytest.raises(KeyboardInterrupt):
+    affectnet.prepare(manual, data, image_size=SIZE, margin=0.0)
+  again = _count_crops(monkeypatch, kill_after=5)
+  with pytest.raises(KeyboardInterrupt):
+    affectnet.prepare(manual, data, image_size=SIZE, margin=0.0, jpeg_quality=90)
+  assert again == first
+  _touch(manual / "Manually_Annotated_file_lists" / "validation.csv")  # as an edit would
+  edited = _count_crops(monkeypatch, kill_after=5)
+  with pytest.raises(KeyboardInterrupt):
+    affectnet.prepare(manual, data, image_size=SIZE, margin=0.0)
+  assert edited == first and len(list(data.glob("affectnet_spill_*"))) == 3
+  changed = next(iter(edited)).path
+  _touch(changed)
+  crops = _count_crops(monkeypatch)
+  assert affectnet.prepare(manual, data, image_size=SIZE, margin=0.0)[1]
+  assert crops == whole - collections.Counter(j for j in edited if j.path != changed)
+  assert not list(data.glob("affectnet_spill_*"))  # those of the other settings too: useless now
+
+
+def test_crop_journal_cuts_off_a_garbled_last_record(tmp_path):
+  """Results read back as added; a last record garbled (a crash of the machine) fails its CRC
+  and is cut off, the journal going on after the record before it; a missing image is not kept."""
+  jobs = [tfds_common.Job(os.fspath(tmp_path / f"{i}.jpg"), (0, 0, 4, 4)) for i in range(4)]
+  for job in jobs[:3]:
+    Image.new("RGB", (8, 8)).save(job.path)
+  results = [b"jpeg 0", tfds_common.Skip("unreadable image", "broken", jobs[1].path), b"jpeg 2",
+             tfds_common.Skip("missing image", "file not found", jobs[3].path)]
+  path = os.fspath(tmp_path / "split.crops")
+  with spill.CropJournal(path, "test") as journal:
+    for job, result in zip(jobs, results):
+      journal.add(job, result)
+    assert [journal[j] for j in jobs] == results
+  garbled = bytearray(pathlib.Path(path).read_bytes())
+  garbled[-1] ^= 1
+  pathlib.Path(path).write_bytes(garbled)
+  with spill.CropJournal(path, "test") as journal:
+    assert [j in journal for j in jobs] == [True, True, False, False]
+    journal.add(jobs[2], results[2])
+  with spill.CropJournal(path, "test") as journal:
+    assert [journal[j] for j in jobs[:3]] == results[:3]

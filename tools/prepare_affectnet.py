@@ -6,7 +6,9 @@
 Logs progress every 10 s and prints a report at the end: examples written per split, rows
 skipped per reason with a few CSV lines quoted (also kept in the data set's metadata.json).
 The result lands in DATA_DIR/affectnet/<size>px_margin<margin>/1.0.0 (written to a temporary
-folder renamed when complete); a variant already there is left alone. Read it with
+folder renamed when complete); a variant already there is left alone. A run that stops (Ctrl-C,
+killed, a full disk) keeps the crops made so far in DATA_DIR/affectnet_spill_<variant>_<hash>/:
+the same command again resumes from them. Read it with
 avemo_jax.data.affectnet.source(DATA_DIR, "train"|"test", num_classes=8|7, ...).
 """
 import os

@@ -8,8 +8,10 @@ Images live in MANUAL_DIR/images (or --image_dir), each under the basename of it
 Logs progress every 10 s and prints a report at the end: triplets written, skipped per reason
 (missing images, unreadable images, no majority, malformed lines, bad boxes) with a few CSV
 lines quoted, and the numbers of distinct images referenced and missing (also kept in the data
-set's metadata.json). The result lands in DATA_DIR/fec/<size>px_margin<margin>/1.0.0. Read it
-with avemo_jax.data.fec.source(DATA_DIR, "train"|"test", ...).
+set's metadata.json). The result lands in DATA_DIR/fec/<size>px_margin<margin>/1.0.0. A run
+that stops (Ctrl-C, killed, a full disk) keeps the crops made so far in
+DATA_DIR/fec_spill_<variant>_<hash>/: the same command again resumes from them. Read it with
+avemo_jax.data.fec.source(DATA_DIR, "train"|"test", ...).
 """
 import collections
 import os

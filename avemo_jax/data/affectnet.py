@@ -21,6 +21,10 @@ split, and its 8-class read is its 7-class split). Validation is the test set. V
 -2 ("invalid") or outside [-1, 1] are kept as 0 with va_valid=False. Skipped and counted (with quoted lines) in the report: codes
 8 None / 9 Uncertain / 10 No-Face, other codes, malformed lines, missing or unreadable images,
 boxes outside the image.
+
+Crops are journaled in DATA_DIR/affectnet_spill_<variant>_<settings>/ as they are made (removed
+once the data set is written): a preparation that stops (Ctrl-C, killed, a full disk) resumes
+there, and the same command again crops only the faces not done before (or whose image changed).
 """
 import collections
 import math
@@ -33,7 +37,7 @@ import tensorflow_datasets as tfds
 from absl import logging
 from etils import epath
 
-from avemo_jax.data import tfds_common
+from avemo_jax.data import spill, tfds_common
 
 HEADER = ("subDirectory_filePath", "face_x", "face_y", "face_width", "face_height",
           "facial_landmarks", "expression", "valence", "arousal")
@@ -129,7 +133,7 @@ class Affectnet(tfds.core.GeneratorBasedBuilder):
 
   def __init__(self, *, image_root: str | None = None, num_workers: int = 0, **kwargs):
     self._image_root, self.pool = image_root, tfds_common.make_pool(num_workers)
-    self.window = 2 * num_workers
+    self.window, self.spill = 2 * num_workers, None
     self.report: dict[str, tfds_common.SplitReport] = {}
     super().__init__(**kwargs)
 
@@ -149,6 +153,7 @@ class Affectnet(tfds.core.GeneratorBasedBuilder):
 
   def _split_generators(self, dl_manager):
     csvs, root = find_inputs(dl_manager.manual_dir, self._image_root)
+    self.spill = spill.crop_folder(self, csvs.values(), root)
     splits = {}
     for s, path in csvs.items():
       lines, counts = _scan(path)
@@ -173,15 +178,17 @@ class Affectnet(tfds.core.GeneratorBasedBuilder):
         elif (row.code == CONTEMPT) == contempt:
           yield line, row, (tfds_common.Job(os.fspath(root / row.file), row.box),)
 
-    for line, row, crops in tfds_common.crop_rows(self, rows(), report, root,
-                                                  f"affectnet {csv_path.name} ({part})"):
-      valid = -1 <= row.valence <= 1 and -1 <= row.arousal <= 1
-      if not valid:
-        report.notes["kept without valence/arousal (-2 or out of range)"] += 1
-      report.written[f"{split}_{part}"] += 1
-      yield line, {"image": crops[0], "label": row.code, "va_valid": valid,
-                   "valence": row.valence if valid else 0.0,
-                   "arousal": row.arousal if valid else 0.0, "line": line, "file": row.file}
+    what = f"affectnet {csv_path.name} ({part})"
+    with spill.CropJournal(os.path.join(self.spill, f"{split}_{part}.crops"),
+                                 what) as journal:
+      for line, row, crops in tfds_common.crop_rows(self, rows(), journal, report, root, what):
+        valid = -1 <= row.valence <= 1 and -1 <= row.arousal <= 1
+        if not valid:
+          report.notes["kept without valence/arousal (-2 or out of range)"] += 1
+        report.written[f"{split}_{part}"] += 1
+        yield line, {"image": crops[0], "label": row.code, "va_valid": valid,
+                     "valence": row.valence if valid else 0.0,
+                     "arousal": row.arousal if valid else 0.0, "line": line, "file": row.file}
     self.info.metadata[split] = report.as_dict()
     tfds_common.check_written(report, f"{split}_{part}")
 
@@ -193,7 +200,7 @@ def prepare(manual_dir, data_dir, *, image_size: int = 140, margin: float = 0.1,
   builder = Affectnet(config=tfds_common.crop_config(image_size, margin, jpeg_quality),
                       data_dir=data_dir, file_format="array_record", image_root=image_root,
                       num_workers=num_workers)
-  return tfds_common.prepare(builder, manual_dir)
+  return spill.prepare(builder, manual_dir)
 
 
 class Faces(tfds_common.Records):

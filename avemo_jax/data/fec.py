@@ -21,11 +21,15 @@ Many URLs are dead: triplets with a missing image are skipped and counted, and t
 the number of distinct image files referenced (by rows that parse) and missing. A file that is not a JPEG (what a
 dead Flickr link may serve instead) counts as an unreadable image. Malformed lines, boxes outside
 [0, 1] and unreadable images are skipped and counted too, with a few lines quoted.
+
+Crops are journaled in DATA_DIR/fec_spill_<variant>_<settings>/ as they are made (removed once
+the data set is written): a preparation that stops (Ctrl-C, killed, a full disk) resumes there,
+and the same command again crops only the faces not done before (or whose image changed; a face
+whose image was missing is looked for again).
 """
 import os
 import pathlib
 import posixpath
-import tempfile
 import urllib.parse
 from typing import NamedTuple
 
@@ -33,7 +37,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 from etils import epath
 
-from avemo_jax.data import tfds_common
+from avemo_jax.data import spill, tfds_common
 from avemo_jax.data.synthetic import TRIPLET_TYPES
 
 NUM_COLUMNS = 28
@@ -126,7 +130,7 @@ class Fec(tfds.core.GeneratorBasedBuilder):
 
   def __init__(self, *, image_dir: str | None = None, num_workers: int = 0, **kwargs):
     self._image_dir, self.pool = image_dir, tfds_common.make_pool(num_workers)
-    self.window = 2 * num_workers
+    self.window, self.spill = 2 * num_workers, None
     super().__init__(**kwargs)
 
   def _info(self) -> tfds.core.DatasetInfo:
@@ -145,6 +149,7 @@ class Fec(tfds.core.GeneratorBasedBuilder):
 
   def _split_generators(self, dl_manager):
     csvs, images = find_inputs(dl_manager.manual_dir, self._image_dir)
+    self.spill = spill.crop_folder(self, csvs.values(), images)
     reports = {s: tfds_common.SplitReport(p.name, _scan(p)) for s, p in csvs.items()}
     return {s: self._generate_examples(p, images, s, reports[s]) for s, p in csvs.items()}
 
@@ -167,31 +172,31 @@ class Fec(tfds.core.GeneratorBasedBuilder):
           continue
         yield line, t, _jobs(t, images)
 
-    # A face serves ~10 triplets: each is cropped once, into a file (the real set's crops are
-    # ~1.5 GB) that the OS deletes however this ends, then the triplets are read from it.
+    # A face serves ~10 triplets: each is cropped once, into the split's journal (the real set's
+    # crops are ~1.5 GB; kept if this fails, for the next run), then the triplets read from it.
     what = f"fec {csv_path.name}"
-    local = os.fspath(self.data_dir) if os.path.isdir(self.data_dir) else None  # not gs://
-    with tempfile.TemporaryFile(dir=local) as store:
-      faces = tfds_common.crop_distinct(  # the faces of every row that parses (missing: Skip)
+    with spill.CropJournal(os.path.join(self.spill, f"{split}.crops"), what) as faces:
+      distinct = tfds_common.crop_distinct(  # the faces of every row that parses
           self, (job for _, f in tfds_common.csv_rows(csv_path)
                  if isinstance(t := _parse(f), Triplet) for job in _jobs(t, images)),
-          store, f"{what}, cropping each distinct face")
+          faces, f"{what}, cropping each distinct face")
       progress = tfds_common.Progress(what, report.lines)
       for line, t, jobs in rows():
         progress.update(line, report)
-        failed = [faces[j] for j in jobs if isinstance(faces[j], tfds_common.Skip)]
-        if failed:  # the first face that failed, as tfds_common.crop_jobs says it
+        crops = [faces[j] for j in jobs]
+        failed = [c for c in crops if isinstance(c, tfds_common.Skip)]
+        if failed:  # the first face that failed, as tfds_common.crop_rows reports a row
           report.skip(failed[0].reason, line,
                       f"{os.path.relpath(failed[0].path, images)}: {failed[0].detail}")
           continue
         report.written[split] += 1
-        yield line, {"images": [_read(store, *faces[j]) for j in jobs], "label": t.label,
-                     "triplet_type": t.triplet_type, "annotations": list(t.votes),
-                     "annotators": list(t.annotators), "line": line, "urls": list(t.urls)}
+        yield line, {"images": crops, "label": t.label, "triplet_type": t.triplet_type,
+                     "annotations": list(t.votes), "annotators": list(t.annotators),
+                     "line": line, "urls": list(t.urls)}
       progress.update(report.lines, report, force=True)
     report.extra.update({"distinct images referenced": len(referenced),
                          "distinct images missing": len(missing),
-                         "distinct faces referenced": len(faces)})
+                         "distinct faces referenced": distinct})
     self.info.metadata[split] = report.as_dict()
     tfds_common.check_written(report, split)
 
@@ -200,11 +205,6 @@ def _jobs(t: Triplet, images: pathlib.Path) -> tuple[tfds_common.Job, ...]:
   """The crops of a triplet's three faces."""
   return tuple(tfds_common.Job(os.fspath(images / image_name(u)), b, fractional=True,
                                jpeg_only=_is_jpeg_url(u)) for u, b in zip(t.urls, t.boxes))
-
-
-def _read(f, offset: int, length: int) -> bytes:
-  f.seek(offset)
-  return f.read(length)
 
 
 def _is_jpeg_url(url: str) -> bool:
@@ -228,7 +228,7 @@ def prepare(manual_dir, data_dir, *, image_size: int = 140, margin: float = 0.1,
   builder = Fec(config=tfds_common.crop_config(image_size, margin, jpeg_quality),
                 data_dir=data_dir, file_format="array_record", image_dir=image_dir,
                 num_workers=num_workers)
-  return tfds_common.prepare(builder, manual_dir)
+  return spill.prepare(builder, manual_dir)
 
 
 class Triplets(tfds_common.Records):

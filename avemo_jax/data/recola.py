@@ -43,8 +43,6 @@ import functools
 import hashlib
 import json
 import os
-import shutil
-import tempfile
 import time
 from typing import Any, NamedTuple
 
@@ -53,7 +51,7 @@ import tensorflow_datasets as tfds
 from absl import logging
 from etils import epath
 
-from avemo_jax.data import audio_features, faces, tfds_common
+from avemo_jax.data import audio_features, faces, spill, tfds_common
 from avemo_jax.data.recola_files import FPS, SPLITS, check_all
 from avemo_jax.data.recola_worker import HOP, PROGRESS_EVERY_S, Job, frames_done, process
 
@@ -78,7 +76,6 @@ class Recola(tfds.core.GeneratorBasedBuilder):
     self.detector_options = dict(detector_options or {})
     self.detect_every, self.smooth = detect_every, smooth
     self.spill: str | None = None
-    self._spill_root = os.fspath(kwargs.get("data_dir") or tempfile.gettempdir())
     super().__init__(**kwargs)
 
   def _info(self) -> tfds.core.DatasetInfo:
@@ -104,10 +101,7 @@ class Recola(tfds.core.GeneratorBasedBuilder):
     self.info.metadata["settings"] = settings
     # One spill folder per variant and settings: a preparation that stops (killed, a full disk)
     # leaves its finished recordings there, and the same command again resumes from them.
-    key = hashlib.sha1(json.dumps({**settings, "quality": config.jpeg_quality},
-                                  sort_keys=True).encode()).hexdigest()[:12]
-    self.spill = os.path.join(self._spill_root, f"recola_spill_{config.name}_{key}")
-    os.makedirs(self.spill, exist_ok=True)
+    self.spill = spill.folder(self, {**settings, "quality": config.jpeg_quality})
     jobs = {s: [Job(c, self.spill, config.size, config.margin, config.jpeg_quality, detector,
                     self.detect_every, self.smooth, self.pool is None) for c in checked[s]]
             for s in SPLITS}
@@ -195,16 +189,7 @@ def prepare(manual_dir, data_dir, *, image_size: int = 140, margin: float = 0.1,
   builder = Recola(config=tfds_common.crop_config(image_size, margin, jpeg_quality),
                    data_dir=data_dir, file_format="array_record", num_workers=num_workers,
                    detector_options=detector_options, detect_every=detect_every, smooth=smooth)
-  try:
-    prepared = tfds_common.prepare(builder, manual_dir)
-  except BaseException:
-    if builder.spill and os.listdir(builder.spill):
-      logging.warning("recola: the recordings finished so far are kept in %s: the same command "
-                      "again resumes from them", builder.spill)
-    raise
-  if builder.spill:  # written: the spill folder has served
-    shutil.rmtree(builder.spill, ignore_errors=True)
-  return prepared
+  return spill.prepare(builder, manual_dir)
 
 
 def _stamps(job: Job) -> list[list[Any]]:

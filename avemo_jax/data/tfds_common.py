@@ -1,6 +1,7 @@
 """Shared parts of the tfds builders: finding their CSVs, JPEG coding (crops: `faces.crop`),
-cropping a CSV's rows (or each distinct face once) in a bounded process pool, the skip report,
-and the lookup of and random access to prepared data.
+cropping a CSV's rows (or each distinct face once) in a bounded process pool into a journal
+(`spill.CropJournal`: a preparation that stops resumes from it), the skip report, and the lookup of
+and random access to prepared data.
 
 Prepared crops are stored as JPEG bytes (quality 95 by default) and decoded when read. Measured
 on 316 AffectNet-format fixtures at 140 px: 9.6 KiB per example on disk against 50.6 KiB for raw
@@ -21,7 +22,7 @@ import os
 import pathlib
 import time
 from collections.abc import Callable, Iterable, Iterator
-from typing import Any, BinaryIO, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 import tensorflow_datasets as tfds
@@ -30,6 +31,9 @@ from etils import epath
 from PIL import Image
 
 from avemo_jax.data import faces
+
+if TYPE_CHECKING:  # spill imports this module
+  from avemo_jax.data import spill
 
 MAX_EXAMPLES = 5  # CSV lines quoted per skip reason in a report
 
@@ -135,16 +139,6 @@ def crop_job(job: Job, config: CropConfig, decoded: dict | None = None) -> bytes
   return encode_jpeg(face, config.jpeg_quality)
 
 
-def crop_jobs(jobs: tuple[Job, ...], config: CropConfig) -> tuple[bytes, ...] | Skip:
-  """JPEG-encoded crops of every job, or the Skip of the first image that failed."""
-  out = []
-  for job in jobs:
-    out.append(crop_job(job, config))
-    if isinstance(out[-1], Skip):
-      return out[-1]
-  return tuple(out)
-
-
 def crop_each(jobs: tuple[Job, ...], config: CropConfig) -> list[bytes | Skip]:
   """crop_job of each job; jobs of one file share its decode at each scale."""
   decoded = {}
@@ -186,49 +180,59 @@ def parallel_map(fn: Callable, items: Iterable, pool: concurrent.futures.Executo
       future.cancel()
 
 
-def crop_rows(builder, rows: Iterable[tuple[int, Any, tuple[Job, ...]]], report: "SplitReport",
-              root, what: str) -> Iterator[tuple[int, Any, tuple[bytes, ...]]]:
+def crop_rows(builder, rows: Iterable[tuple[int, Any, tuple[Job, ...]]], journal: "spill.CropJournal",
+              report: "SplitReport", root, what: str
+              ) -> Iterator[tuple[int, Any, tuple[bytes, ...]]]:
   """(line, row, JPEG crops) for each (line, row, jobs) of a CSV whose images all crop, in
-  order, cropped by `builder.pool` (at most `builder.window` chunks in flight); a row whose
-  image fails is counted in `report`, named by its path under `root`. Logs progress as `what`."""
-  in_flight = collections.deque()  # (line, row) of the jobs submitted, in order
+  order: jobs in `journal` are read from it, the others cropped by `builder.pool` (at most
+  `builder.window` chunks in flight) and added to it; a row whose image fails is counted in
+  `report` (its first failure), named by its path under `root`. Logs progress as `what`."""
+  in_flight = collections.deque()  # (line, row, jobs, jobs to crop) of the rows submitted
 
-  def jobs():
-    for line, row, job in rows:
-      in_flight.append((line, row))
-      yield job
+  def new_jobs():
+    for line, row, jobs in rows:
+      new = tuple(job for job in jobs if job not in journal)  # () when all are journaled
+      in_flight.append((line, row, jobs, new))
+      yield new
 
-  crop = functools.partial(crop_jobs, config=builder.builder_config)
+  crop = functools.partial(crop_each, config=builder.builder_config)
   progress = Progress(what, report.lines)
-  for result in parallel_map(crop, jobs(), builder.pool, window=builder.window):
-    line, row = in_flight.popleft()
+  for crops in parallel_map(crop, new_jobs(), builder.pool, window=builder.window):
+    line, row, jobs, new = in_flight.popleft()
+    made = dict(zip(new, crops))
+    for job, result in made.items():
+      journal.add(job, result)
+    results = [made[job] if job in made else journal[job] for job in jobs]
     progress.update(line, report)
-    if isinstance(result, Skip):
-      report.skip(result.reason, line, f"{os.path.relpath(result.path, root)}: {result.detail}")
+    failed = [r for r in results if isinstance(r, Skip)]
+    if failed:
+      report.skip(failed[0].reason, line,
+                  f"{os.path.relpath(failed[0].path, root)}: {failed[0].detail}")
     else:
-      yield line, row, result
+      yield line, row, tuple(results)
   progress.update(report.lines, report, force=True)
 
 
-def crop_distinct(builder, jobs: Iterable[Job], out: BinaryIO, what: str
-                  ) -> dict[Job, tuple[int, int] | Skip]:
-  """Crops each distinct job of `jobs` once, the jobs of one file in one task (one decode per
-  file and scale), in `builder.pool`; appends the JPEGs to `out` (a file: crops of a large set
-  outgrow memory) and returns each job's (offset, length) in it, or its Skip. Logs as `what`."""
+def crop_distinct(builder, jobs: Iterable[Job], journal: "spill.CropJournal", what: str) -> int:
+  """Crops each distinct job of `jobs` not in `journal` yet, the jobs of one file in one task
+  (one decode per file and scale), in `builder.pool`, and adds the results to `journal` (a file:
+  crops of a large set outgrow memory); returns the number of distinct jobs. Logs as `what`."""
   files = collections.defaultdict(dict)  # path -> {job: None}: its jobs in order of first use
   for job in jobs:
     files[job.path][job] = None
-  groups = [tuple(file_jobs) for file_jobs in files.values()]
+  distinct = sum(map(len, files.values()))
+  groups = [new for file_jobs in files.values()
+            if (new := tuple(job for job in file_jobs if job not in journal))]
   del files
   crop = functools.partial(crop_each, config=builder.builder_config)
-  progress, where = Progress(what, len(groups), unit="file"), {}
+  progress = Progress(what, len(groups), unit="file")
   results = parallel_map(crop, groups, builder.pool, window=builder.window)
   for done, (group, crops) in enumerate(zip(groups, results), 1):
     for job, result in zip(group, crops):
-      where[job] = result if isinstance(result, Skip) else (out.tell(), out.write(result))
+      journal.add(job, result)
     progress.update(done)
   progress.update(len(groups), force=True)
-  return where
+  return distinct
 
 
 def find_csvs(manual_dir, names: dict[str, str], folders: tuple[str, ...], hint: str
