@@ -256,8 +256,10 @@ def train_step(model: nn.Module, stage: ml_collections.ConfigDict, loss: Callabl
   """One eager step: loss, backward, global-norm clipping, AdamW (as `state.make_optimizer`, at
   the peak learning rate)."""
   model.train()
-  opt = torch.optim.AdamW(model.parameters(), lr=stage.learning_rate,
-                          weight_decay=stage.weight_decay)
+  kernels = [p for p in model.parameters() if p.ndim >= 2]  # decayed, as `state.decayed`'s
+  others = [p for p in model.parameters() if p.ndim < 2]
+  opt = torch.optim.AdamW([{"params": kernels}, {"params": others, "weight_decay": 0.0}],
+                          lr=stage.learning_rate, weight_decay=stage.weight_decay)
 
   def step(batch):
     opt.zero_grad(set_to_none=True)

@@ -64,7 +64,7 @@ def schedule_config(tiny: bool, *, steps: int, lr: float) -> ml_collections.Conf
   s.num_steps = 20 if tiny else steps  # optimizer steps
   s.learning_rate = lr  # peak Adam learning rate
   s.warmup_steps = 2 if tiny else 20  # linear warm-up, then cosine decay to 0
-  s.weight_decay = 1e-4  # decoupled (AdamW) weight decay
+  s.weight_decay = 1e-4  # decoupled (AdamW) weight decay of conv and dense kernels
   s.grad_clip = 1.0  # global-norm gradient clipping
   s.log_every = 5 if tiny else 20  # steps between metric lines
   s.eval_every = 10 if tiny else 0  # steps between evaluations (0: only at the end)

@@ -1,10 +1,12 @@
 """The training steps and the loop on `:tiny` configs: gradients, compilation, end to end, resume."""
+import collections
 import contextlib
 import functools
 import json
 import logging
 import shutil
 
+import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -117,7 +119,7 @@ def test_optimizer_settings_are_inputs_of_one_compiled_step():
     reference = optax.chain(optax.clip_by_global_norm(cfg.grad_clip), optax.adamw(
         optax.warmup_cosine_decay_schedule(0.0, cfg.learning_rate, cfg.warmup_steps,
                                            max(cfg.num_steps, cfg.warmup_steps + 1)),
-        weight_decay=cfg.weight_decay))
+        weight_decay=cfg.weight_decay, mask=state_lib.decayed))
     params, opt_state = state.params, reference.init(state.params)
     for _ in range(cfg.num_steps + 1):  # warm-up, decay and the step past its end
       state = compiled(state)
@@ -130,6 +132,30 @@ def test_optimizer_settings_are_inputs_of_one_compiled_step():
   # One program, so one entry of the persistent compilation cache (keyed by the program's text;
   # each state's optimizer is a new Python object, so `jit` traces each state once).
   assert len(texts) == 1
+
+
+def test_weight_decay_shrinks_kernels_only():
+  """With zero gradients an AdamW step is the decay alone: kernels (convolutions, dense layers,
+  GRU cells) shrink by learning rate x weight decay; biases and BatchNorm scales stay."""
+  config = _tiny(distill)
+  model, cfg = build.face_model(config.model), config.teacher
+  cfg.update(warmup_steps=0, learning_rate=0.1, weight_decay=0.5)
+  state = state_lib.create(model, cfg, jax.random.key(0), build.face_inputs(config.data.image_size))
+  stepped = jax.jit(lambda s: s.apply_gradients(grads=jax.tree.map(jnp.zeros_like, s.params)))(
+      state)
+  flat = lambda tree: {"/".join(k): np.asarray(v)
+                       for k, v in flax.traverse_util.flatten_dict(tree).items()}
+  before, after = flat(state.params), flat(stepped.params)
+  kinds = collections.Counter(k.rsplit("/", 1)[1] for k in before)
+  assert kinds.keys() == {"kernel", "bias", "scale"} and min(kinds.values()) > 5, kinds
+  for name, value in before.items():
+    expected = value * (1 - 0.1 * 0.5) if name.endswith("/kernel") else value
+    np.testing.assert_allclose(after[name], expected, rtol=1e-6, err_msg=name)
+  gru = nn.GRUCell(8)
+  gru_params = gru.init(jax.random.key(0), gru.initialize_carry(jax.random.key(1), (1, 4)),
+                        jnp.ones((1, 4)))["params"]
+  assert {k for k, v in flat(state_lib.decayed(gru_params)).items() if v} == {
+      k for k in flat(gru_params) if k.endswith("/kernel")} != set()
 
 
 def test_variables_load_from_a_checkpoint_of_another_optimizer(tmp_path):

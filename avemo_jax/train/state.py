@@ -50,16 +50,32 @@ def schedule(stage: ml_collections.ConfigDict) -> optax.Schedule:
                            warmup_steps=h["warmup_steps"], decay_steps=h["decay_steps"])
 
 
+def decayed(params: Any) -> Any:
+  """True for the kernels of convolutions and dense layers: weight decay leaves biases and
+  BatchNorm scales and offsets alone, as usual (they do not set a layer's capacity)."""
+  return jax.tree_util.tree_map_with_path(lambda path, _: path[-1].key == "kernel", params)
+
+
+def _decay_kernels(weight_decay) -> optax.GradientTransformation:
+  """`optax.add_decayed_weights` of the `decayed` leaves. By hand: its `mask` (optax.masked)
+  changes the optimizer state's tree, and checkpoints of earlier runs would no longer resume."""
+  def update(updates, state, params):
+    decay = lambda u, p, on: u + weight_decay * p if on else u
+    return jax.tree.map(decay, updates, params, decayed(params)), state
+  return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
+
+
 def _adamw(learning_rate, warmup_steps, decay_steps, weight_decay, grad_clip
            ) -> optax.GradientTransformation:
   rate = functools.partial(warmup_cosine, learning_rate=learning_rate,
                            warmup_steps=warmup_steps, decay_steps=decay_steps)
-  return optax.chain(optax.clip_by_global_norm(grad_clip),
-                     optax.adamw(rate, weight_decay=weight_decay))
+  adamw = optax.chain(optax.scale_by_adam(), _decay_kernels(weight_decay),
+                      optax.scale_by_learning_rate(rate))  # optax.adamw's chain
+  return optax.chain(optax.clip_by_global_norm(grad_clip), adamw)
 
 
 def make_optimizer(stage: ml_collections.ConfigDict) -> optax.GradientTransformation:
-  """AdamW on the schedule, after global-norm clipping. Its settings are arrays of the optimizer
+  """AdamW on the schedule, after global-norm clipping, decaying kernels only. Its settings are arrays of the optimizer
   state (`optax.inject_hyperparams`), inputs of the compiled step rather than constants in it:
   runs and stages that differ in them alone (`num_steps`, `learning_rate`, ...) share one
   compiled step, from the persistent compilation cache too."""
