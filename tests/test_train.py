@@ -152,7 +152,8 @@ def test_weight_decay_shrinks_kernels_only():
     expected = value * (1 - 0.1 * 0.5) if name.endswith("/kernel") else value
     np.testing.assert_allclose(after[name], expected, rtol=1e-6, err_msg=name)
   # The optimizer state's tree is that of the unmasked AdamW before: those checkpoints resume.
-  unmasked = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(1e-3)).init(state.params)
+  unmasked = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(optax.constant_schedule(1e-3)))
+  unmasked = unmasked.init(state.params)
   assert jax.tree.structure(state.opt_state.inner_state) == jax.tree.structure(unmasked)
   gru = nn.GRUCell(8)
   gru_params = gru.init(jax.random.key(0), gru.initialize_carry(jax.random.key(1), (1, 4)),
