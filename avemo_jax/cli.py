@@ -1,16 +1,21 @@
 """`run(main)`: absl's app.run for the main job and the tools. Bad input is one "error:" line and
-exit status 1 instead of a traceback: a flag or config override that does not parse or names no
-config key, a config file that does not load, and a missing path, an unreadable file or a value
-that does not fit that the job finds (FileNotFoundError, PermissionError, ValueError, each naming
-the culprit; --verbosity=1 shows where it was raised). A string flag or config field that starts
-with "~" is under the user's home, as in a shell (bash leaves `--workdir=~/x` as it is)."""
+exit status 1 instead of a traceback or the whole help: a flag or config override that does not
+parse or names no config key, a config file that does not load (with the configs there are), a
+missing flag (app.UsageError), and a missing path, an unreadable file, a value that does not fit or
+a workdir in use that the job finds (FileNotFoundError, PermissionError, ValueError,
+BlockingIOError, each naming the culprit; --verbosity=1 shows where it was raised). A string flag or
+config field that starts with "~" is under the user's home, as in a shell (bash leaves
+`--workdir=~/x` as it is)."""
 import os
+import pathlib
+import re
 import sys
 
 import ml_collections
 from absl import app, flags, logging
 
-_BAD_INPUT = (FileNotFoundError, PermissionError, ValueError)
+_BAD_INPUT = (FileNotFoundError, PermissionError, ValueError, BlockingIOError)
+_HELP = "--helpshort lists the flags"
 
 
 def _unwrapped(e: BaseException) -> str:
@@ -28,9 +33,19 @@ def _home(config: ml_collections.ConfigDict) -> None:
       config[key] = os.path.expanduser(value)
 
 
+def _bad_config(argv: list[str], problem: str) -> str:
+  """The error line of a --config that does not load, listing the config files of its folder."""
+  spec = next((a.split("=", 1)[1] for a in reversed(argv) if a.startswith("--config=")), "")
+  folder = pathlib.Path(spec.split(":")[0]).parent
+  folder = folder if folder.is_dir() else pathlib.Path("configs")
+  names = sorted(p.name for p in folder.glob("*.py") if "def get_config" in p.read_text())
+  listed = f"; the configs in {folder}/: {', '.join(names)} (each also :tiny)" if names else ""
+  return f"error: --config={spec}: {problem}{listed}"
+
+
 def _parse(argv: list[str]) -> list[str]:
   try:
-    argv = flags.FLAGS(argv)
+    rest = flags.FLAGS(argv)
     for name in flags.FLAGS:
       flag = flags.FLAGS[name]
       if isinstance(flag.value, str) and flag.value.startswith("~"):
@@ -40,13 +55,17 @@ def _parse(argv: list[str]) -> list[str]:
       elif type(flag.value).__name__ == "_ErrorConfig":  # config_flags defers a load failure
         flag.value.lock()
   except flags.Error as e:  # a get_config error arrives as its traceback: its last line is news
-    sys.exit(f"error: {str(e).strip().splitlines()[-1]}\n"
-             "Pass --helpshort or --helpfull to see help on flags.")
+    last = re.sub(r"^\w+Error: ", "", str(e).strip().splitlines()[-1])
+    sys.exit(f"error: {last}; {_HELP}")
   except (AttributeError, KeyError) as e:  # an override of a key the config does not have
+    if "get_config" in str(e):  # a Python file without one, e.g. configs/common.py
+      sys.exit(_bad_config(argv, "not a config file (it has no get_config)"))
     sys.exit(f"error: the config has no key {_unwrapped(e)}".replace("\n", "; "))
   except OSError as e:
-    sys.exit(f"error: {e}")
-  return argv
+    if "No such file" in str(e):
+      sys.exit(_bad_config(argv, "no such file"))
+    sys.exit(f"error: {e}".replace("\n", "; "))
+  return rest
 
 
 def run(main) -> None:
@@ -57,4 +76,6 @@ def run(main) -> None:
       if logging.level_debug():
         raise
       sys.exit(f"error: {e}")
+    except app.UsageError as e:  # absl would print the whole help before it
+      sys.exit(f"error: {e}; {_HELP}")
   app.run(checked, flags_parser=_parse)

@@ -35,6 +35,7 @@ def main(argv: list[str]) -> None:
   if not parallel.is_main_process():
     logging.set_verbosity(logging.WARNING)
   config, workdir = _CONFIG.value, pathlib.Path(_WORKDIR.value)
+  stages.validate(config)  # a config mistake leaves no trace: no workdir, no lock, no config dump
   logging.info("config:\n%s", config)
   with workdir_lib.exclusive(workdir):
     summary = workdir_lib.finished(config, workdir)

@@ -1,4 +1,4 @@
-"""Evaluation metrics (DESIGN.md §3), accumulated on device with clu and reduced on the host.
+"""Evaluation metrics (README, *Metrics*), accumulated on device with clu and reduced on the host.
 
 - acc8 / acc7: accuracy over the 8 AffectNet classes (8-class models only), and over 7 with
   Contempt (code 7) dropped from both the labels and the predicted classes.

@@ -1,4 +1,4 @@
-"""Audio-visual fusion (DESIGN.md §1.5): per 40 ms frame, the frozen student's face feature and
+"""Audio-visual fusion (README, *Fusion*): per 40 ms frame, the frozen student's face feature and
 the frozen audio encoder's embedding feed a GRU that predicts valence and arousal (loss 1 - CCC).
 Audio-only, visual-only and fused models are trained and reported side by side.
 

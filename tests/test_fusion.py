@@ -76,7 +76,7 @@ def test_vggish_param_count_and_shapes():
       jax.random.key(0), jnp.zeros((2, 96, 64))))
   params = dict(variables["params"])
   head = params.pop("va_head")
-  assert count(params) == 72_141_184  # VGGish (DESIGN.md §1.4), without our regression head
+  assert count(params) == 72_141_184  # VGGish (the paper's), without our regression head
   assert count(head) == 128 * 2 + 2
   assert out[0].shape == (2, 2) and out[1]["embedding"].shape == (2, 128)
   assert count(params["fc1_1"]["kernel"]) == 6 * 4 * 512 * 4096  # NHWC flatten of 6x4x512
@@ -288,13 +288,13 @@ def test_pallas_off_one_gpu_is_announced(caplog):
   with config.unlocked():
     config.fusion.gru_kernel = "pallas"
   with caplog.at_level("WARNING"):
-    stages._validate(config)
+    stages.validate(config)
   assert "config.fusion.gru_kernel='pallas' runs on one NVIDIA GPU" in caplog.text
   assert "here (8 cpu devices, fusion.hidden=16)" in caplog.text
 
 
 def test_check_kernel_fails_early_by_key(monkeypatch):
-  """The start-of-run check (`stages._validate` on one GPU): the kernels agree with the scan; a
+  """The start-of-run check (`stages.validate` on one GPU): the kernels agree with the scan; a
   kernel 5% off, or one that does not compile, fails by key with the way out."""
   assert fusion_model.check_kernel("pallas_interpret") < 1e-5
   forward = gru_pallas.forward

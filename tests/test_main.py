@@ -64,16 +64,37 @@ def test_orbax_logs_only_its_warnings():
     logger.filters[:] = before
 
 
+_CONFIGS = "the configs in configs/: audio.py, distill.py, fusion.py, teacher.py (each also :tiny)"
+
+
 @pytest.mark.parametrize("override,message", [
     ("--config.teacher.num_stepz=3",
      """error: the config has no key 'num_stepz'; Did you mean "num_steps" instead of "num_stepz"?"""),
     ("--config.teacher.num_steps=-1", "error: config.teacher.num_steps=-1: must be >= 0"),
-    ("--config=configs/teacher.py:small", "error: ValueError: config argument 'small': 'tiny'"),
-    ("--config=configs/nowhere.py", "[Errno 2] No such file or directory: 'configs/nowhere.py'")])
+    ("--config=configs/teacher.py:small", "error: config argument 'small': 'tiny'"),
+    ("--config=configs/nowhere.py",
+     f"error: --config=configs/nowhere.py: no such file; {_CONFIGS}"),
+    ("--config=configs/common.py:tiny", "error: --config=configs/common.py:tiny: not a config file "
+     f"(it has no get_config); {_CONFIGS}")])
 def test_cli_reports_a_config_mistake_in_one_line(tmp_path, override, message):
-  result = _main("--config=configs/teacher.py:tiny", f"--workdir={tmp_path}", override)
-  assert result.returncode == 1 and message in result.stderr and "Traceback" not in result.stderr
-  assert not (tmp_path / "summary.json").exists()
+  """One line, and no trace of the run: no workdir (so no lock), no config dump."""
+  config = override if override.startswith("--config=") else "--config=configs/teacher.py:tiny"
+  result = _main(config, f"--workdir={tmp_path / 'run'}", *[override] * (override != config))
+  lines = result.stderr.strip().splitlines()
+  assert result.returncode == 1 and lines[-1].startswith(message), result.stderr[-2000:]
+  assert "Traceback" not in result.stderr and "config:" not in result.stderr
+  assert not any(line.startswith("Pass --help") for line in lines)
+  assert not (tmp_path / "run").exists()
+
+
+def test_a_tool_reports_a_missing_flag_in_one_line(tmp_path):
+  """app.UsageError: one line, not the tool's whole help before it."""
+  result = subprocess.run([sys.executable, "tools/predict.py", f"--export={tmp_path}"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+  assert result.returncode == 1 and result.stdout == ""
+  assert result.stderr.strip().splitlines()[-1] == (
+      "error: give either --video=FILE or --image=FILE (repeatable); --helpshort lists the flags")
+  assert "USAGE" not in result.stderr and "flags:" not in result.stderr
 
 
 def test_training_does_not_import_torch(tmp_path):

@@ -408,7 +408,7 @@ def test_a_resumed_stage_only_traces_its_init(tmp_path):
 
 def test_one_run_per_workdir(tmp_path):
   with workdir_lib.exclusive(tmp_path):
-    with pytest.raises(RuntimeError, match=rf"{tmp_path} is in use by another run \(pid "
+    with pytest.raises(BlockingIOError, match=rf"{tmp_path} is in use by another run \(pid "
                        rf"{os.getpid()} on .*choose another --workdir"):
       with workdir_lib.exclusive(tmp_path):
         pass

@@ -1,4 +1,4 @@
-"""Evaluates exported models (tools/export.py) on held-out data: the metrics of DESIGN.md §3.
+"""Evaluates exported models (tools/export.py) on held-out data: the metrics of README's *Metrics*.
 
   python tools/evaluate.py --export=EXPORT_DIR [--out=DIR] [--data=tfds --data_dir=DATA_DIR]
 

@@ -3,7 +3,7 @@
 Face stages zip three streams (below); the audio stage batches log-mel examples of voice clips;
 the fusion stage batches random windows of recordings' cached per-frame features.
 
-A training step draws, together (DESIGN.md §1.2), a batch of labelled faces, a batch of FEC
+A training step draws, together (README, *Teacher*), a batch of labelled faces, a batch of FEC
 triplets and (distillation) a batch of unlabelled faces. Every stream is a `grain.MapDataset`,
 so batch i is a pure function of (seed, i): the iterator state is one index, checkpointed with
 the model, and a resumed run sees exactly the batches an uninterrupted run would.

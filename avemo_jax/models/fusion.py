@@ -1,4 +1,4 @@
-"""Audio-visual fusion (DESIGN.md §1.5): per 40 ms frame, the face feature and the audio
+"""Audio-visual fusion (README, *Fusion*): per 40 ms frame, the face feature and the audio
 embedding are fused and GRUs over time (`GRU`, a `lax.scan`) feed a linear valence/arousal head.
 Visual-only and audio-only models are the same module with one modality left out.
 """

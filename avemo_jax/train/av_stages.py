@@ -1,4 +1,4 @@
-"""The audio encoder stage and the fusion stage (DESIGN.md §1.4-1.5).
+"""The audio encoder stage and the fusion stage (README, *Audio encoder* and *Fusion*).
 
 audio:  VGGish regresses clip-level valence/arousal of synthetic voice clips -> WORKDIR/audio.
 fusion: per-frame features of the frozen student and audio encoder (cached), then one GRU per
@@ -54,7 +54,7 @@ def run(config: ml_collections.ConfigDict, workdir: pathlib.Path, summary: dict[
 
 
 def _load(config, key: str, model, stage_cfg, inputs) -> dict[str, Any]:
-  """The variables of config.`key` (set and existing: stages._validate)."""
+  """The variables of config.`key` (set and existing: stages.validate)."""
   template = jax.eval_shape(lambda: state_lib.create(model, stage_cfg, jax.random.key(0), inputs))
   return load_variables(config[key], template, f"config.{key}")
 
@@ -137,7 +137,7 @@ def _fusion_stage(config, workdir: pathlib.Path, summary, par, write_summary, st
   lengths = dev["lengths"]
   names, gaps = dev_recordings(config)
   report, dev_predictions = {}, {}
-  for name in config.fusion.models:  # names checked by stages._validate
+  for name in config.fusion.models:  # names checked by stages.validate
     modalities = MODEL_MODALITIES[name]
     model = build.fusion_model(config.fusion, modalities)
     predict = jax.jit(lambda v, x, n, model=model: model.apply(v, x, n)[0])
@@ -186,9 +186,10 @@ def dev_recordings(config) -> tuple[list[str], list[dict[str, np.ndarray]]]:
   recordings = pipeline.recordings(config, "dev")
   if config.data.source == "tfds":
     if len(recordings) < recola_files.DEV_RECORDINGS:
-      logging.warning("the dev CCCs cover %d of RECOLA's %d dev recordings (%s): the others were "
-                      "skipped when prepared (prepare_recola.py's report says why); they are not "
-                      "comparable with published numbers", len(recordings),
+      logging.warning("the dev CCCs cover %d of RECOLA's %d dev recordings (%s): the others are "
+                      "not in the prepared data (absent from --manual_dir, or skipped: "
+                      "prepare_recola.py's report says why); they are not comparable with "
+                      "published numbers", len(recordings),
                       recola_files.DEV_RECORDINGS, ", ".join(recordings.names))
     return recordings.names, [{"face not detected": ~recordings[r].detected}
                               for r in range(len(recordings))]

@@ -1,5 +1,5 @@
-"""The stages in order: teacher, self-distilled student (DESIGN.md §1.2-1.3), then the audio
-encoder and fusion (§1.4-1.5, in av_stages)."""
+"""The stages in order: teacher, self-distilled student, then the audio encoder and fusion (in
+av_stages); README, top, says what each does."""
 import functools
 import json
 import logging
@@ -56,7 +56,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict[
   Entries of stages that are not rerun (e.g. the visual stages when fusion reuses a student)
   are kept from an existing summary.json.
   """
-  _validate(config)
+  validate(config)
   workdir = pathlib.Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
   path = workdir / "summary.json"
@@ -71,7 +71,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict[
   return summary
 
 
-def _validate(config: ml_collections.ConfigDict) -> None:
+def validate(config: ml_collections.ConfigDict) -> None:
   """The config errors that can be found before any long work starts, each naming its key."""
   unknown = set(config.stages) - set(STAGES)
   if unknown:
@@ -186,7 +186,7 @@ def _visual_stages(config: ml_collections.ConfigDict, workdir: pathlib.Path,
   if "student" not in config.stages:
     return None
   cfg = config.student
-  if teacher_variables is None:  # config.teacher_checkpoint (checked in _validate)
+  if teacher_variables is None:  # config.teacher_checkpoint (checked in validate)
     template = jax.eval_shape(lambda: state_lib.create(model, config.teacher, rng,
                                                        build.face_inputs(size)))
     teacher_variables = load_variables(config.teacher_checkpoint, template,

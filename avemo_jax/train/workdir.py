@@ -31,8 +31,9 @@ def exclusive(workdir: pathlib.Path) -> Iterator[None]:
       fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
       f.seek(0)
-      raise RuntimeError(f"{workdir} is in use by another run ({f.read().strip() or 'unknown'}); "
-                         "wait for it to finish, or choose another --workdir") from None
+      holder = f.read().strip() or "unknown"
+      raise BlockingIOError(f"{workdir} is in use by another run ({holder}); wait for it to "
+                            "finish, or choose another --workdir") from None
     f.truncate(0)
     f.write(f"pid {os.getpid()} on {socket.gethostname()} since "
             f"{time.strftime('%Y-%m-%d %H:%M:%S')}: {' '.join(sys.argv)}\n")
