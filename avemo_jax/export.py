@@ -33,6 +33,8 @@ from avemo_jax.exported import Model, load  # noqa: F401  (the loader, re-export
 
 PLATFORMS = ("cpu", "cuda", "rocm", "tpu")
 FACE_STAGES, FUSION_MODELS = ("teacher", "student"), ("audio", "visual", "fused")
+# The stage that reads config.<model>_checkpoint when it does not train <model> itself.
+_READERS = {"teacher": "student", "student": "fusion", "audio": "fusion"}
 Fn = Callable[[dict[str, Any], dict[str, jax.Array]], dict[str, jax.Array]]
 
 
@@ -165,7 +167,8 @@ def workdir_config(workdir: str | pathlib.Path):
 
 def export_workdir(config, workdir: str | pathlib.Path, out: str | pathlib.Path, *,
                    onnx: str = "auto") -> dict[str, pathlib.Path]:
-  """Exports every trained model of `workdir` to OUT/<name>.
+  """Exports every trained model of `workdir` to OUT/<name>, and the models its run read from
+  other checkpoints instead of training them (`_reused_sources`), from those checkpoints.
 
   `config`: the one the workdir was trained with; None reads WORKDIR/config.json.
   `onnx`: "auto" (convert where jax2onnx is installed), "on" (it must be) or "off".
@@ -183,23 +186,91 @@ def export_workdir(config, workdir: str | pathlib.Path, out: str | pathlib.Path,
         f"{workdir} holds no trained model: no checkpoint in {workdir}/<stage>/checkpoints for "
         f"any of {list(stages)}. Train first: python -m avemo_jax.main --config=... "
         f"--workdir={workdir}")
+  # Restored and checked before anything is written: a bad source leaves the export as it was.
+  reused = {name: _reused(config, workdir, name, key)
+            for name, key in _reused_sources(config, found).items()}
+  for name, (stage_dir, _) in reused.items():
+    if name in found and found[name].resolve() != stage_dir.resolve():
+      logging.warning("export: %s not exported: the run read its %s from %s (config.%s_checkpoint)",
+                      found[name], name, stage_dir, name)
   from avemo_jax.train import features
   written = {}
-  for name, stage_dir in found.items():
-    if name in FACE_STAGES:
-      fn, variables, inputs, outputs, info = _face(config, stage_dir, name)
-    elif name == "audio":
-      fn, variables, inputs, outputs, info = _audio(config, stage_dir)
+  for name in [n for n in stages if n in found or n in reused]:
+    if name in reused:
+      stage_dir, (fn, variables, inputs, outputs, info) = reused[name]
+      source = {"workdir": str(stage_dir.parent.resolve()), "stage": stage_dir.name,
+                "read_by": {"workdir": str(workdir.resolve()), "stage": _READERS[name],
+                            "config": f"{name}_checkpoint"}}
     else:
-      fn, variables, inputs, outputs, info = _fusion(config, workdir, name.split("/")[1])
+      stage_dir, source = found[name], {"workdir": str(workdir.resolve()), "stage": name}
+      fn, variables, inputs, outputs, info = _parts(config, workdir, name, stage_dir)
     model_vars = {k: v for k, v in variables.items() if k != "standardize"}
-    info["source"] = {"workdir": str(workdir.resolve()), "stage": name,
-                      "step": _steps(stage_dir)[-1],
+    info["source"] = {**source, "step": _steps(stage_dir)[-1],
                       "fingerprint": features.fingerprint(model_vars)}
     _write(out / name, name, fn, variables, inputs, outputs, info, config, onnx)
     logging.info("export: %s -> %s", name, out / name)
     written[name] = out / name
   return written
+
+
+def _parts(config, workdir: pathlib.Path, name: str, stage_dir: pathlib.Path):
+  """(fn, variables, inputs, outputs, info) of model `name` from the checkpoints in `stage_dir`."""
+  if name in FACE_STAGES:
+    return _face(config, stage_dir, name)
+  if name == "audio":
+    return _audio(config, stage_dir)
+  return _fusion(config, workdir, name.split("/")[1])
+
+
+def _reused_sources(config, found) -> dict[str, str]:
+  """{model: config key} of the models the run read from config.<model>_checkpoint, where the
+  stage that read it (`_READERS`) is among `found` (this workdir's trained models). As
+  stages._visual_stages and av_stages.run: a teacher_checkpoint is read even with "teacher" in
+  config.stages; a student or audio checkpoint only when that stage did not run."""
+  out = {}
+  for name, reader in _READERS.items():
+    key = f"{name}_checkpoint"
+    trained = name in config.stages and name != "teacher"
+    if (config[key] and reader in config.stages and not trained
+        and any(n.split("/")[0] == reader for n in found)):
+      out[name] = key
+  return out
+
+
+def _recorded(workdir: pathlib.Path, name: str) -> str:
+  """The fingerprint of the `name` weights the run read, as the stage that read them recorded it:
+  the student's trained_from.json (its teacher), the fusion feature cache's key (the extractors,
+  which the fusion exports' extractor_fingerprints repeat)."""
+  from avemo_jax.train import provenance
+  path = (workdir / "student" / provenance.FILE if name == "teacher"
+          else workdir / "fusion" / "features_train.npz")
+  if not path.is_file():
+    raise FileNotFoundError(f"{path} not found: it records which {name} the run in {workdir} read; "
+                            f"rerun its {_READERS[name]} stage")
+  if name == "teacher":
+    return json.loads(path.read_text())["teacher"]
+  with np.load(path) as f:
+    return json.loads(str(f["key"]))[name]
+
+
+def _reused(config, workdir: pathlib.Path, name: str, key: str):
+  """(stage directory, export parts) of `name` from config.`key`, refused unless it still holds the
+  weights the run read."""
+  from avemo_jax.train import features
+  path = pathlib.Path(config[key])
+  stage_dir = path.parent if path.name == "checkpoints" else path
+  reader = _READERS[name]
+  what = f"{path} (config.{key} of {workdir}: its {reader} stage read the {name} there)"
+  fix = (f"put that checkpoint back (a relative path is taken from the current directory), or "
+         f"rerun the {reader} stage in {workdir} on a {name} that exists")
+  if not _steps(stage_dir):
+    raise FileNotFoundError(f"{what} holds no checkpoint any more: {fix}")
+  want = _recorded(workdir, name)
+  parts = _parts(config, workdir, name, stage_dir)
+  got = features.fingerprint(parts[1])
+  if got != want:
+    raise ValueError(f"{what} has changed since: its weights are {got}, the run read {want}; {fix}")
+  return stage_dir, parts
 
 
 def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, np.ndarray]:

@@ -28,7 +28,7 @@ import numpy as np
 
 from avemo_jax import metrics, plots
 from avemo_jax.data import audio_features, pipeline, sequences
-from avemo_jax.exported import Model, load
+from avemo_jax.exported import MANIFEST, Model, load
 from avemo_jax.train import av_stages, features
 from avemo_jax.train.evaluation import Evaluator
 
@@ -123,6 +123,13 @@ def _dev_features(model: Model, config, features_from: str | None) -> dict[str, 
       _check_extractors(model, {"visual": key["student"], "audio": key["audio"]}, str(path))
       return {k: f[k] for k in f.files if k != "key"}
   root = model.directory.resolve().parent.parent  # EXPORT of EXPORT/fusion/<name> (also ".")
+  missing = [n for n in ("student", "audio") if not (root / n / MANIFEST).is_file()]
+  if missing:
+    raise FileNotFoundError(
+        f"{root} has fusion models but no {' or '.join(f'{n}/' for n in missing)} export, the "
+        "extractors of their features: export the fusion run's workdir again with "
+        "tools/export.py (it also exports the student and audio encoder the run read from "
+        "another workdir), or give --features_from=WORKDIR")
   student, audio = load(root / "student", "face"), load(root / "audio", "audio")
   _check_extractors(model, {"visual": student.manifest["source"]["fingerprint"],
                             "audio": audio.manifest["source"]["fingerprint"]}, str(root))

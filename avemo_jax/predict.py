@@ -49,7 +49,8 @@ def _load(directory: pathlib.Path, kind: str, root: pathlib.Path) -> exported.Mo
     raise FileNotFoundError(
         f"{directory}: no exported model there ({exported.MANIFEST} missing). Export a trained "
         f"workdir: python tools/export.py --workdir=WORKDIR --out={root} (after training "
-        f"{_TRAINED_BY[kind]})")
+        f"{_TRAINED_BY[kind]}; it also exports the student and audio encoder a fusion run read "
+        "from another workdir, which older exports of such a run lack: export it again)")
   return exported.load(directory, kind)
 
 

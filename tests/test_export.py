@@ -13,8 +13,8 @@ import jax
 import numpy as np
 import pytest
 
-from avemo_jax import export, export_eval, exported
-from avemo_jax.train import av_stages, build, features
+from avemo_jax import export, export_eval, exported, predict
+from avemo_jax.train import av_stages, build, features, stages
 from avemo_jax.train import state as state_lib
 from avemo_jax.train.checkpoint import load_variables
 from configs import fusion
@@ -221,6 +221,105 @@ def _check_onnx(workdir):
     outputs = [o["name"] for o in manifest["outputs"]]
     for output, got in zip(outputs, session.run(outputs, x)):
       np.testing.assert_allclose(got, want[output], atol=1e-5, rtol=0, err_msg=name)
+
+
+@pytest.fixture(scope="module")
+def fusion_only(tiny_run, tmp_path_factory):
+  """(run1, workdir): README's fusion-only run (2 steps, the fused model) on the student and audio
+  encoder in run1, a copy of `tiny_run`'s that the tests may take away."""
+  _, source, _ = tiny_run
+  base = tmp_path_factory.mktemp("fusion_only")
+  run1, workdir = base / "run1", base / "ff"
+  for stage in ("student", "audio"):
+    shutil.copytree(source / stage, run1 / stage)
+  # The same extractors and data: the run takes these features after checking their key.
+  shutil.copytree(source / "fusion", workdir / "fusion", ignore=lambda d, names: [
+      n for n in names if not n.startswith("features_")])
+  config = fusion.get_config("tiny")
+  config.stages, config.fusion.models, config.fusion.train.num_steps = ("fusion",), ("fused",), 2
+  config.student_checkpoint, config.audio_checkpoint = str(run1 / "student"), str(run1 / "audio")
+  stages.run(config, workdir)
+  return run1, workdir
+
+
+def test_export_of_a_fusion_only_run_holds_the_models_it_read(tiny_run, fusion_only, tmp_path):
+  """The student and audio encoder the run read from run1 are exported from there, their manifests
+  say so, and predict.py and evaluate.py find everything they need."""
+  _, _, run1_summary = tiny_run
+  run1, workdir = fusion_only
+  root = tmp_path / "export"
+  assert list(export.export_workdir(None, workdir, root, onnx="off")) == [
+      "student", "audio", "fusion/fused"]
+  fused = exported.load(root / "fusion" / "fused", "fusion")
+  assert fused.manifest["source"]["workdir"] == str(workdir.resolve())
+  for name, modality in (("student", "visual"), ("audio", "audio")):
+    assert json.loads((root / name / "manifest.json").read_text())["source"] == {
+        "workdir": str(run1.resolve()), "stage": name, "step": 4,
+        "fingerprint": fused.manifest["preprocessing"]["extractor_fingerprints"][modality],
+        "read_by": {"workdir": str(workdir.resolve()), "stage": "fusion",
+                    "config": f"{name}_checkpoint"}}
+  # As predict_video: the face and audio exports beside the fusion one feed it.
+  face, audio = predict.face_model(root), exported.load(root / "audio", "audio")
+  visual = face(**export.random_inputs(face.manifest["inputs"], batch=3, time=1))["feature"]
+  sound = audio(**export.random_inputs(audio.manifest["inputs"], batch=3, time=1))["embedding"]
+  va = fused(visual=visual[None], audio=sound[None], lengths=[3])["valence_arousal"]
+  assert va.shape == (1, 3, 2) and np.isfinite(va).all()
+  result = export_eval.evaluate(root, tmp_path / "evaluation")
+  assert result["student"]["acc8"] == run1_summary["student"]["acc8"]
+  assert result["audio"]["ccc_valence"] == pytest.approx(run1_summary["audio"]["ccc_valence"],
+                                                         abs=1e-5)
+  want = json.loads((workdir / "summary.json").read_text())["fusion"]["fused"]
+  assert result["fusion"]["fused"]["ccc_valence"] == pytest.approx(want["ccc_valence"], abs=1e-5)
+  for name in ("student", "audio"):  # as exported before export.py exported them
+    shutil.rmtree(root / name)
+  with pytest.raises(FileNotFoundError, match="export/student: no exported model there.*again"):
+    predict.face_model(root)
+  with pytest.raises(FileNotFoundError, match="fusion models but no student/ or audio/ export"):
+    export_eval.evaluate(root, tmp_path / "again")
+
+
+def test_export_refuses_a_reused_checkpoint_gone_or_changed(tiny_run, fusion_only, tmp_path):
+  """The student the run read, taken away or replaced since (by run1's teacher, of the same
+  architecture): one error line naming it and the fix, and nothing written."""
+  _, source, _ = tiny_run
+  run1, workdir = fusion_only
+  student, out = run1 / "student", tmp_path / "export"
+  student.rename(run1 / "away")
+  try:
+    done = subprocess.run([sys.executable, "tools/export.py", f"--workdir={workdir}",
+                           f"--out={out}"], capture_output=True, text=True,
+                          cwd=os.path.dirname(os.path.dirname(__file__)))
+    assert done.returncode == 1 and done.stderr.strip().splitlines()[-1] == (
+        f"error: {student} (config.student_checkpoint of {workdir}: its fusion stage read the "
+        "student there) holds no checkpoint any more: put that checkpoint back (a relative path "
+        f"is taken from the current directory), or rerun the fusion stage in {workdir} on a "
+        "student that exists"), done.stderr[-2000:]
+    shutil.copytree(source / "teacher" / "checkpoints", student / "checkpoints")
+    with pytest.raises(ValueError, match=r"student there\) has changed since: its weights are "
+                       r"[0-9a-f]{16}, the run read [0-9a-f]{16}; put that checkpoint back"):
+      export.export_workdir(None, workdir, out, onnx="off")
+  finally:
+    shutil.rmtree(student, ignore_errors=True)
+    (run1 / "away").rename(student)
+  assert not out.exists()
+
+
+def test_which_models_a_run_read_from_other_workdirs():
+  """As the stages read them: a teacher_checkpoint even beside a "teacher" stage, a student or
+  audio checkpoint only when that stage did not run, and only for a stage this workdir trained."""
+  config = fusion.get_config("tiny")
+  config.teacher_checkpoint, config.student_checkpoint, config.audio_checkpoint = "T", "S", "A"
+  trained = {"student": None, "fusion/fused": None}
+  for run, want in ((("teacher", "student", "audio", "fusion"), ["teacher"]),
+                    (("student",), ["teacher"]), (("fusion",), ["student", "audio"]),
+                    (("audio", "fusion"), ["student"]), (("teacher", "audio"), [])):
+    config.stages = run
+    assert list(export._reused_sources(config, trained)) == want, run
+  config.stages = ("fusion",)
+  assert export._reused_sources(config, {"student": None}) == {}  # its fusion models: elsewhere
+  config.stages = ("student", "fusion")
+  config.teacher_checkpoint = config.audio_checkpoint = ""
+  assert export._reused_sources(config, trained) == {}
 
 
 def _arrays():

@@ -3,8 +3,11 @@
   python tools/export.py --workdir=WORKDIR --out=EXPORT_DIR [--onnx=auto]
 
 The architectures come from WORKDIR/config.json, which every training run writes (or give
---config=configs/... with the run's --config.* overrides). Writes EXPORT_DIR/{teacher,student,audio,fusion/<model>} for what the workdir
-holds; load one with `avemo_jax.export.load(DIR)` or, without this package, the `load.py` in it.
+--config=configs/... with the run's --config.* overrides). Writes
+EXPORT_DIR/{teacher,student,audio,fusion/<model>} for what the workdir holds and for what its run
+read from another workdir instead of training it (--config.student_checkpoint, audio_checkpoint,
+teacher_checkpoint), from there; load one with `avemo_jax.export.load(DIR)` or, without this
+package, the `load.py` in it.
 """
 import json
 import pathlib
@@ -37,7 +40,9 @@ def main(argv):
   written = export.export_workdir(_CONFIG.value, _WORKDIR.value, _OUT.value, onnx=_ONNX.value)
   for name, directory in written.items():
     manifest = json.loads((directory / "manifest.json").read_text())
-    print(f"{name:14s} {directory}  ONNX: {manifest['onnx']['status'][:60]}")
+    source = manifest["source"]
+    reused = f"  from {source['workdir']}/{source['stage']}" if "read_by" in source else ""
+    print(f"{name:14s} {directory}{reused}  ONNX: {manifest['onnx']['status']}")
 
 
 if __name__ == "__main__":
