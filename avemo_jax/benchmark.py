@@ -125,33 +125,47 @@ def num_params(variables) -> int:
   return int(sum(np.prod(x.shape) for x in jax.tree.leaves(variables["params"])))
 
 
-def face_rows(config, s: Settings, peer: Peer | None) -> dict[str, dict]:
-  """face_train (teacher step) and face_infer (eval-mode logits and embeddings), images/s."""
+def _rows(measured: dict[str, tuple[dict[str, Callable], dict]], items: int, unit: str,
+          s: Settings, dtype: str, **extra) -> dict[str, dict]:
+  """{row: alternate's stats of its runs, with its compile info and utilisation} for each
+  `measured` row's (runs, info)."""
+  rows = {}
+  for name, (runs, info) in measured.items():
+    rows[name] = alternate(runs, items, unit, s, name)
+    rows[name]["jax"].update(info, **extra)
+    _utilisation(rows[name], info, items, dtype)
+  return rows
+
+
+def face_rows(config, s: Settings, peer: Peer | None, want: set[str]) -> dict[str, dict]:
+  """face_train (teacher step) and face_infer (eval-mode logits and embeddings), images/s: those
+  in `want`."""
   model = build.face_model(config.model, dtype=config.dtype)
   stage, inputs = config.teacher, build.face_inputs(config.data.image_size)
   batch = face_batch(config, s.face_batch)
-  step = functools.partial(steps.teacher_step, weights=dict(stage.loss),
-                           margins=tuple(stage.triplet_margins))
-  train, train_info = _jax_train(model, stage, inputs, step, batch)
-  variables = jax.jit(lambda r: model.init(r, *inputs, train=False))(jax.random.key(1))
-  triplets = batch["triplets"]["images"]
-  images = np.concatenate([batch["faces"]["image"], triplets.reshape(-1, *triplets.shape[2:])])
-  infer, infer_info = _jax_infer(functools.partial(steps.predict, apply_fn=model.apply),
-                                 variables, images)
-  train_runs, infer_runs = {"jax": train}, {"jax": infer}
+  init = lambda r: model.init(r, *inputs, train=False)
   if peer:
-    net = peer.check(peer.lib.FaceNet(config.model), num_params(variables), "face network")
-    train_runs["torch"] = peer.run(peer.lib.train_step(net, stage, peer.lib.face_loss(stage)),
-                                   batch)
-    infer_net = peer.check(peer.lib.FaceNet(config.model), num_params(variables), "face network")
-    infer_runs["torch"] = peer.run(peer.lib.infer_step(infer_net), images)
-  rows = {}
-  for name, runs, info in (("face_train", train_runs, train_info),
-                           ("face_infer", infer_runs, infer_info)):
-    rows[name] = alternate(runs, s.face_batch, "images/s", s, name)
-    rows[name]["jax"].update(info)
-    _utilisation(rows[name], info, s.face_batch, config.dtype)
-  return rows
+    params = num_params(jax.eval_shape(init, jax.random.key(1)))
+    net = lambda: peer.check(peer.lib.FaceNet(config.model), params, "face network")
+  measured = {}
+  if "face_train" in want:
+    step = functools.partial(steps.teacher_step, weights=dict(stage.loss),
+                             margins=tuple(stage.triplet_margins))
+    train, info = _jax_train(model, stage, inputs, step, batch)
+    runs = {"jax": train}
+    if peer:
+      runs["torch"] = peer.run(peer.lib.train_step(net(), stage, peer.lib.face_loss(stage)), batch)
+    measured["face_train"] = runs, info
+  if "face_infer" in want:
+    triplets = batch["triplets"]["images"]
+    images = np.concatenate([batch["faces"]["image"], triplets.reshape(-1, *triplets.shape[2:])])
+    infer, info = _jax_infer(functools.partial(steps.predict, apply_fn=model.apply),
+                             jax.jit(init)(jax.random.key(1)), images)
+    runs = {"jax": infer}
+    if peer:
+      runs["torch"] = peer.run(peer.lib.infer_step(net()), images)
+    measured["face_infer"] = runs, info
+  return _rows(measured, s.face_batch, "images/s", s, config.dtype)
 
 
 def audio_rows(config, s: Settings, peer: Peer | None) -> dict[str, dict]:
@@ -168,15 +182,12 @@ def audio_rows(config, s: Settings, peer: Peer | None) -> dict[str, dict]:
                                                           *build.audio_inputs())))
     net = peer.check(peer.lib.VGGish(config.audio), params, "VGGish")
     runs["torch"] = peer.run(peer.lib.train_step(net, stage, peer.lib.audio_loss(stage)), batch)
-  row = alternate(runs, s.audio_batch, "examples/s", s, "audio_train")
-  row["jax"].update(info)
-  _utilisation(row, info, s.audio_batch, config.dtype)
-  return {"audio_train": row}
+  return _rows({"audio_train": (runs, info)}, s.audio_batch, "examples/s", s, config.dtype)
 
 
-def fusion_rows(config, s: Settings, peer: Peer | None) -> dict[str, dict]:
+def fusion_rows(config, s: Settings, peer: Peer | None, want: set[str]) -> dict[str, dict]:
   """fusion_train and fusion_infer: the fused (visual + audio) GRU model over `frames`-long
-  sequences, sequences/s."""
+  sequences, sequences/s: those in `want`."""
   modalities, f, stage = ("visual", "audio"), config.fusion, config.fusion.train
   dims = {"visual": config.model.feature_dim, "audio": config.audio.embed_dim}
   model = build.fusion_model(f, modalities)
@@ -184,31 +195,33 @@ def fusion_rows(config, s: Settings, peer: Peer | None) -> dict[str, dict]:
   batch = {m: rng.normal(size=(b, t, d)).astype(np.float32) for m, d in dims.items()}
   batch.update(labels=rng.uniform(-1, 1, (b, t, 2)).astype(np.float32),
                lengths=np.full(b, t, np.int32))
-  # As in training, the step cuts its windows (here whole sequences) from the recordings.
-  windows = {"recording": np.arange(b, dtype=np.int32), "start": np.zeros(b, np.int32)}
-  step = lambda state, table_windows: steps.fusion_step(state, *table_windows, frames=t,
-                                                        weights=dict(stage.loss), seed=0)
-  train, train_info = _jax_train(model, stage, build.fusion_inputs(dims), step, (batch, windows))
-  variables = model.init(jax.random.key(1), *build.fusion_inputs(dims))
-  features = {m: batch[m] for m in modalities}
-  infer, infer_info = _jax_infer(lambda v, x, n: model.apply(v, x, n)[0], variables, features,
-                                 batch["lengths"])
-  if f.gru_kernel != "scan":
-    infer_info["vs_scan"] = kernel_agreement(model, variables, features, batch["lengths"])
-  train_runs, infer_runs = {"jax": train}, {"jax": infer}
+  init = lambda: model.init(jax.random.key(1), *build.fusion_inputs(dims))
   if peer:
-    make = lambda: peer.check(peer.lib.FusionGRU(f, modalities, dims), num_params(variables),
-                              "fusion GRU")
-    train_runs["torch"] = peer.run(peer.lib.train_step(make(), stage, peer.lib.fusion_loss(stage)),
-                                   batch)
-    infer_runs["torch"] = peer.run(peer.lib.infer_step(make()), features)
-  rows = {}
-  for name, runs, info in (("fusion_train", train_runs, train_info),
-                           ("fusion_infer", infer_runs, infer_info)):
-    rows[name] = alternate(runs, b, "sequences/s", s, name)
-    rows[name]["jax"].update(info, gru_kernel=f.gru_kernel)
-    _utilisation(rows[name], info, b, "float32")
-  return rows
+    params = num_params(jax.eval_shape(init))
+    net = lambda: peer.check(peer.lib.FusionGRU(f, modalities, dims), params, "fusion GRU")
+  measured = {}
+  if "fusion_train" in want:
+    # As in training, the step cuts its windows (here whole sequences) from the recordings.
+    windows = {"recording": np.arange(b, dtype=np.int32), "start": np.zeros(b, np.int32)}
+    step = lambda state, table_windows: steps.fusion_step(state, *table_windows, frames=t,
+                                                          weights=dict(stage.loss), seed=0)
+    train, info = _jax_train(model, stage, build.fusion_inputs(dims), step, (batch, windows))
+    runs = {"jax": train}
+    if peer:
+      runs["torch"] = peer.run(peer.lib.train_step(net(), stage, peer.lib.fusion_loss(stage)),
+                               batch)
+    measured["fusion_train"] = runs, info
+  if "fusion_infer" in want:
+    variables, features = init(), {m: batch[m] for m in modalities}
+    infer, info = _jax_infer(lambda v, x, n: model.apply(v, x, n)[0], variables, features,
+                             batch["lengths"])
+    if f.gru_kernel != "scan":
+      info["vs_scan"] = kernel_agreement(model, variables, features, batch["lengths"])
+    runs = {"jax": infer}
+    if peer:
+      runs["torch"] = peer.run(peer.lib.infer_step(net()), features)
+    measured["fusion_infer"] = runs, info
+  return _rows(measured, b, "sequences/s", s, "float32", gru_kernel=f.gru_kernel)
 
 
 def kernel_agreement(model, variables, features, lengths) -> dict[str, float]:
@@ -237,22 +250,24 @@ def run(config: ml_collections.ConfigDict, s: Settings, only: tuple[str, ...] = 
     config.dtype = build.dtype_name(config.dtype)  # "auto" -> what it means on this backend
   peer = Peer(config.dtype) if s.peer else None
   host = lambda: importlib.import_module("avemo_jax.benchmark_host")
-  # The fresh first-step processes first, as a training process starts on an idle machine: after
-  # the other rows (this process idle, 15 GB free) they took 2-4 s longer, for no cause found.
+  # A family sets up only the rows asked for (`want`): each other one would cost a compile and
+  # its reps. The fresh first-step processes first, as a training process starts on an idle
+  # machine: after the other rows (this process idle, 15 GB free) they took 2-4 s longer, for no
+  # cause found.
   groups = (({"first_step_cold_s", "first_step_warm_s"},
-             lambda: host().first_step_rows(config, s)),
-            ({"face_train", "face_infer"}, lambda: face_rows(config, s, peer)),
-            ({"audio_train"}, lambda: audio_rows(config, s, peer)),
-            ({"fusion_train", "fusion_infer"}, lambda: fusion_rows(config, s, peer)),
-            ({"pipeline_synthetic_per_core"},
-             lambda: {"pipeline_synthetic_per_core": host().synthetic_pipeline_row(config, s)}),
-            ({"pipeline_arrayrecord_per_core"},
-             lambda: {"pipeline_arrayrecord_per_core": host().arrayrecord_pipeline_row(config, s)}),
-            ({"predict_fps"}, lambda: {"predict_fps": host().predict_row(s)}))
+             lambda want: host().first_step_rows(config, s, want)),
+            ({"face_train", "face_infer"}, lambda want: face_rows(config, s, peer, want)),
+            ({"audio_train"}, lambda want: audio_rows(config, s, peer)),
+            ({"fusion_train", "fusion_infer"}, lambda want: fusion_rows(config, s, peer, want)),
+            ({"pipeline_synthetic_per_core"}, lambda want: {
+                "pipeline_synthetic_per_core": host().synthetic_pipeline_row(config, s)}),
+            ({"pipeline_arrayrecord_per_core"}, lambda want: {
+                "pipeline_arrayrecord_per_core": host().arrayrecord_pipeline_row(config, s)}),
+            ({"predict_fps"}, lambda want: {"predict_fps": host().predict_row(s)}))
   results = {}
   for names, measure in groups:
     if names & set(only):
-      results.update({k: v for k, v in measure().items() if k in only})
+      results.update(measure(names & set(only)))
   return {k: results[k] for k in ROWS if k in results}
 
 

@@ -48,7 +48,7 @@ def test_peer_parameter_counts_equal_ours(arg):
   assert bt.redundant_gru_biases(gru) == 2 * 2 * config.fusion.hidden
   for name, (theirs, ours) in counts.items():
     assert theirs == ours, name
-  if arg is None:  # the full sizes DESIGN.md names: VGGish 72,141,184 + the 2-output head
+  if arg is None:  # the paper's full sizes: VGGish 72,141,184 + the 2-output head
     assert counts["audio"][1] == 72_141_184 + 128 * 2 + 2
 
 
@@ -157,6 +157,36 @@ def test_model_rows_need_no_data_stack():
   done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
                         timeout=120, check=True)
   assert done.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize("row", ["fusion_train", "fusion_infer"])
+def test_only_the_rows_asked_for_are_compiled_and_timed(row, monkeypatch):
+  """--only=X sets up, compiles and times X alone (JAX and the torch peer), not its sibling row
+  of the same models (compiling and timing are recorded, not done)."""
+  compiled, timed = [], []
+
+  def compile_(fn, *args, donate):
+    compiled.append("train" if donate else "infer")
+    return None, {}
+
+  def alternate(runs, items, unit, s, trace_as=""):
+    timed.append((trace_as, sorted(runs)))
+    return {"jax": {}}
+  monkeypatch.setattr(benchmark, "_compiled", compile_)
+  monkeypatch.setattr(benchmark, "alternate", alternate)
+  settings = benchmark.Settings(fusion_batch=2, frames=8)
+  results = benchmark.run(distill.get_config("tiny"), settings, (row,))
+  assert list(results) == [row]
+  assert compiled == [row.split("_")[1]] and timed == [(row, ["jax", "torch"])]
+
+
+def test_only_the_cold_first_step_runs_one_process(monkeypatch):
+  host = pytest.importorskip("avemo_jax.benchmark_host")
+  processes = []
+  monkeypatch.setattr(host, "first_step_seconds", lambda *args: processes.append(args) or 1.0)
+  results = benchmark.run(distill.get_config("tiny"), benchmark.Settings(peer=False),
+                          ("first_step_cold_s",))
+  assert results == {"first_step_cold_s": 1.0} and len(processes) == 1
 
 
 def test_unknown_row_is_refused():
