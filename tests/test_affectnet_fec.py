@@ -361,6 +361,25 @@ def test_prepare_tools_print_the_report(affectnet_data, fec_data, tmp_path):
   assert "10 distinct image URLs" in out and len(urls.read_text().split()) == 10
 
 
+@pytest.mark.parametrize("prepare", [affectnet.prepare, fec.prepare, unlabelled.prepare,
+                                     recola.prepare], ids=lambda prepare: prepare.__module__)
+def test_a_wrong_manual_dir_fails_first_and_leaves_data_dir_as_it_was(prepare, tmp_path, capsys):
+  """A folder without the builder's inputs fails with one error naming --manual_dir, before tfds
+  announces the preparation or makes its folders."""
+  manual = tmp_path / "wrong"
+  manual.mkdir()
+  (manual / "notes.txt").write_text("not a data set")
+  data = tmp_path / "data"  # holding another data set
+  (data / "other" / "1.0.0").mkdir(parents=True)
+  (data / "other" / "1.0.0" / "kept.txt").write_text("kept")
+  tree = lambda: sorted(p.relative_to(data) for p in data.rglob("*"))
+  before = tree()
+  with pytest.raises((FileNotFoundError, ValueError), match=re.escape(f"--manual_dir={manual}")):
+    prepare(manual, data, image_size=SIZE, margin=0.0)
+  assert tree() == before
+  assert "Downloading and preparing" not in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("builder", [affectnet.Affectnet, fec.Fec, recola.Recola,
                                      unlabelled.UnlabelledFaces])
 def test_builders_leave_no_temporary_directory(builder, tmp_path, monkeypatch):

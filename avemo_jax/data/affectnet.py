@@ -99,6 +99,9 @@ def find_inputs(manual_dir, image_root=None) -> tuple[dict[str, pathlib.Path], p
                                "put AffectNet's manual-annotation CSVs there")
   roots = [pathlib.Path(image_root)] if image_root else [manual_dir / r for r in _IMAGE_ROOTS]
   found = [r for r in roots if r.is_dir()]
+  if image_root and not found:
+    raise FileNotFoundError(f"no image folder --image_root={image_root}: pass the folder that "
+                            "holds the numbered image subfolders")
   if not found:
     raise FileNotFoundError(f"no image folder: looked for {', '.join(map(str, roots))}; extract "
                             "Manually_Annotated_Images there or pass --image_root")
@@ -151,8 +154,11 @@ class Affectnet(tfds.core.GeneratorBasedBuilder):
             "file": scalar(np.object_, "subDirectory_filePath"),
         }))
 
+  def find_inputs(self, manual_dir) -> tuple[dict[str, pathlib.Path], pathlib.Path]:
+    return find_inputs(manual_dir, self._image_root)
+
   def _split_generators(self, dl_manager):
-    csvs, root = find_inputs(dl_manager.manual_dir, self._image_root)
+    csvs, root = self.find_inputs(dl_manager.manual_dir)
     self.spill = spill.crop_folder(self, csvs.values(), root)
     splits = {}
     for s, path in csvs.items():

@@ -97,9 +97,13 @@ def find_inputs(manual_dir, image_dir=None) -> tuple[dict[str, pathlib.Path], pa
   """The two CSVs and the image folder, or an error saying what is missing."""
   csvs = find_csvs(manual_dir)
   images = pathlib.Path(image_dir) if image_dir else pathlib.Path(manual_dir) / "images"
+  if image_dir and not images.is_dir():
+    raise FileNotFoundError(f"no image folder --image_dir={image_dir}: pass the folder of the "
+                            "downloaded images")
   if not images.is_dir():
     raise FileNotFoundError(f"no image folder {images}: download the images there, each under "
-                            "the basename of its URL (see tools/prepare_fec.py --help)")
+                            "the basename of its URL (see tools/prepare_fec.py --help), or pass "
+                            "--image_dir")
   for path in csvs.values():
     tfds_common.check_images_exist(
         path, [images / image_name(u)
@@ -147,8 +151,11 @@ class Fec(tfds.core.GeneratorBasedBuilder):
             "urls": tensor((3,), np.object_, "the three image URLs"),
         }))
 
+  def find_inputs(self, manual_dir) -> tuple[dict[str, pathlib.Path], pathlib.Path]:
+    return find_inputs(manual_dir, self._image_dir)
+
   def _split_generators(self, dl_manager):
-    csvs, images = find_inputs(dl_manager.manual_dir, self._image_dir)
+    csvs, images = self.find_inputs(dl_manager.manual_dir)
     self.spill = spill.crop_folder(self, csvs.values(), images)
     reports = {s: tfds_common.SplitReport(p.name, _scan(p)) for s, p in csvs.items()}
     return {s: self._generate_examples(p, images, s, reports[s]) for s, p in csvs.items()}

@@ -52,7 +52,7 @@ from absl import logging
 from etils import epath
 
 from avemo_jax.data import audio_features, faces, spill, tfds_common
-from avemo_jax.data.recola_files import FPS, SPLITS, check_all
+from avemo_jax.data.recola_files import FPS, SPLITS, Checked, check_all
 from avemo_jax.data.recola_worker import HOP, PROGRESS_EVERY_S, Job, frames_done, process
 
 # Audio clips hold exactly the samples of the 96 log-mel frames that `audio_features.examples_at`
@@ -92,8 +92,11 @@ class Recola(tfds.core.GeneratorBasedBuilder):
             "frame": tensor((), np.int32, "frame index in the recording (time / 40 ms)"),
         }))
 
+  def find_inputs(self, manual_dir) -> dict[str, list[Checked]]:
+    return check_all(manual_dir)
+
   def _split_generators(self, dl_manager):
-    checked = check_all(dl_manager.manual_dir)
+    checked = self.find_inputs(dl_manager.manual_dir)
     config = self.builder_config
     detector = faces.FaceDetector(**self.detector_options)
     settings = {"detector": detector.__getstate__(), "detect_every": self.detect_every,

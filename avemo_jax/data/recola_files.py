@@ -190,6 +190,6 @@ def check_all(manual_dir) -> dict[str, list[Checked]]:
     problems += [p for r in results if isinstance(r, list) for p in r]
     out[split] = [r for r in results if isinstance(r, Checked)]
   if problems:
-    raise ValueError(f"RECOLA: {len(problems)} problem(s) in {root}; nothing was prepared:\n  - "
-                     + "\n  - ".join(problems))
+    raise ValueError(f"RECOLA: {len(problems)} problem(s) in --manual_dir={root}; nothing was "
+                     "prepared:\n  - " + "\n  - ".join(problems))
   return out

@@ -238,13 +238,14 @@ def crop_distinct(builder, jobs: Iterable[Job], journal: "spill.CropJournal", wh
 def find_csvs(manual_dir, names: dict[str, str], folders: tuple[str, ...], hint: str
               ) -> dict[str, pathlib.Path]:
   """{split: the first of manual_dir/<folder>/<name> that exists}, or an error naming the
-  folders looked in and `hint` (what to put there)."""
+  folders looked in, the --manual_dir flag and `hint` (what to put there)."""
   manual_dir, csvs = pathlib.Path(manual_dir), {}
   for split, name in names.items():
     found = [manual_dir / d / name for d in folders if (manual_dir / d / name).is_file()]
     if not found:
       where = " or ".join(os.fspath(manual_dir / d) for d in folders)
-      raise FileNotFoundError(f"{name} not found in {where}: {hint}")
+      raise FileNotFoundError(f"{name} not found in {where}: point --manual_dir at the folder "
+                              f"that holds it (now --manual_dir={manual_dir}), or {hint}")
     csvs[split] = found[0]
   return csvs
 
@@ -369,17 +370,21 @@ def check_written(report: SplitReport, split: str) -> None:
 
 def prepare(builder, manual_dir) -> tuple[dict, bool]:
   """Runs `builder` on `manual_dir` unless already prepared; (report, newly prepared).
-  `builder.pool` (worker processes or None) serves all its splits and is shut down here."""
+  `builder.find_inputs(manual_dir)` looks for its inputs first, before tfds announces the
+  preparation and makes its folders, so that a wrong --manual_dir fails at once and leaves
+  nothing behind. `builder.pool` (worker processes or None) serves all its splits and is shut
+  down here."""
   fresh = not builder.is_prepared()
   if fresh and not os.path.isdir(manual_dir):
     raise FileNotFoundError(f"--manual_dir={manual_dir}: no such folder; give the folder of the "
                             "downloaded data set (see the builder's docstring for its layout)")
   if fresh:
-    # What a preparation that was killed left (tfds removes its folder only on an exception).
-    for stale in epath.Path(builder.data_path).parent.glob(f"incomplete.*_{builder.version}"):
-      logging.warning("removing %s, left by a preparation that stopped", stale)
-      stale.rmtree()
     try:
+      builder.find_inputs(manual_dir)
+      # What a preparation that was killed left (tfds removes its folder only on an exception).
+      for stale in epath.Path(builder.data_path).parent.glob(f"incomplete.*_{builder.version}"):
+        logging.warning("removing %s, left by a preparation that stopped", stale)
+        stale.rmtree()
       builder.download_and_prepare(
           download_config=tfds.download.DownloadConfig(manual_dir=os.fspath(manual_dir)))
     finally:

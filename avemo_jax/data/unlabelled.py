@@ -92,13 +92,17 @@ class UnlabelledFaces(tfds.core.GeneratorBasedBuilder):
             "num_faces": tensor((), np.int32, "faces the detector found in the image"),
         }))
 
+  def find_inputs(self, manual_dir) -> list[str]:
+    """`find_images`, or an error if there are none."""
+    files = find_images(manual_dir)
+    if not files:
+      raise FileNotFoundError(f"no image files ({', '.join(EXTENSIONS)}) under --manual_dir="
+                              f"{manual_dir}: point it at the folder of face images")
+    return files
+
   def _split_generators(self, dl_manager):
     root = pathlib.Path(dl_manager.manual_dir)
-    files = find_images(root)
-    if not files:
-      raise FileNotFoundError(f"no image files ({', '.join(EXTENSIONS)}) under {root}: point "
-                              "--manual_dir at the folder of face images")
-    return {"train": self._generate_examples(root, files)}
+    return {"train": self._generate_examples(root, self.find_inputs(root))}
 
   def _generate_examples(self, root: pathlib.Path, files: list[str]):
     detector = faces.FaceDetector(**self.detector_options)
