@@ -432,17 +432,24 @@ def _journaled(done: collections.Counter) -> collections.Counter:
   return collections.Counter(j for j in done if os.path.exists(j.path))
 
 
+def _stopped(module, root, tmp_path, margin: float, monkeypatch, kill_after: int):
+  """(the crops of a whole preparation, the data_dir of one stopped by Ctrl-C after `kill_after`
+  crops, the crops it made) of `module` (affectnet or fec)."""
+  whole = _count_crops(monkeypatch)
+  module.prepare(root / "manual", tmp_path / "whole", image_size=SIZE, margin=margin)
+  data = tmp_path / "data"
+  done = _count_crops(monkeypatch, kill_after=kill_after)
+  with pytest.raises(KeyboardInterrupt):
+    module.prepare(root / "manual", data, image_size=SIZE, margin=margin)
+  return whole, data, done
+
+
 def test_affectnet_interrupted_resumes_from_its_journal(affectnet_data, tmp_path, monkeypatch,
                                                         caplog):
   """Stopped by Ctrl-C, the crops made are kept; the same command again crops only the faces not
   journaled (a missing image is looked for again) and writes what one uninterrupted run writes."""
   root, _, report = affectnet_data
-  whole = _count_crops(monkeypatch)
-  affectnet.prepare(root / "manual", tmp_path / "whole", image_size=SIZE, margin=0.0)
-  data = tmp_path / "data"
-  done = _count_crops(monkeypatch, kill_after=16)
-  with pytest.raises(KeyboardInterrupt):
-    affectnet.prepare(root / "manual", data, image_size=SIZE, margin=0.0)
+  whole, data, done = _stopped(affectnet, root, tmp_path, 0.0, monkeypatch, kill_after=16)
   folder, = data.glob("affectnet_spill_48px_margin0_*")
   assert [p.name for p in folder.iterdir() if p.stat().st_size] == ["train_7class.crops"]
   assert f"kept in {folder}: the same command again resumes" in caplog.text
@@ -461,12 +468,7 @@ def test_fec_resumes_past_a_torn_journal_tail(fec_data, tmp_path, monkeypatch):
   """A journal whose last record was cut short (a kill mid-write) resumes: that face alone is
   cropped again, and the triplets and report are those of an uninterrupted run."""
   root, _, report = fec_data
-  whole = _count_crops(monkeypatch)
-  fec.prepare(root / "manual", tmp_path / "whole", image_size=SIZE, margin=0.25)
-  data = tmp_path / "data"
-  done = _count_crops(monkeypatch, kill_after=4)
-  with pytest.raises(KeyboardInterrupt):
-    fec.prepare(root / "manual", data, image_size=SIZE, margin=0.25)
+  whole, data, done = _stopped(fec, root, tmp_path, 0.25, monkeypatch, kill_after=4)
   journal, = (p for p in data.glob("fec_spill_*/*.crops") if p.stat().st_size)
   with open(journal, "r+b") as f:
     f.truncate(journal.stat().st_size - 3)
