@@ -36,6 +36,7 @@ def main(argv: list[str]) -> None:
     logging.set_verbosity(logging.WARNING)
   config, workdir = _CONFIG.value, pathlib.Path(_WORKDIR.value)
   stages.validate(config)  # a config mistake leaves no trace: no workdir, no lock, no config dump
+  workdir_lib.absolute_paths(config)
   logging.info("config:\n%s", config)
   with workdir_lib.exclusive(workdir):
     summary = workdir_lib.finished(config, workdir)

@@ -21,7 +21,7 @@ from avemo_jax.train import checkpoint, loop, provenance, steps
 from avemo_jax.train import workdir as workdir_lib
 from avemo_jax.train import state as state_lib
 from avemo_jax.train.writer import MetricWriter
-from configs import common, fusion
+from configs import common, fusion, teacher
 
 POISON = 9  # example index with a NaN target: in the third batch of 4
 
@@ -414,6 +414,19 @@ def test_one_run_per_workdir(tmp_path):
         pass
   with workdir_lib.exclusive(tmp_path):  # released at exit
     pass
+
+
+def test_config_paths_are_made_absolute(tmp_path, monkeypatch):
+  """config.json names a run's inputs from any directory; URLs and unset paths stay."""
+  monkeypatch.chdir(tmp_path)
+  config = fusion.get_config("tiny")
+  config.student_checkpoint, config.init.audio = "runs/a/student", "../weights/vggish"
+  config.data.data_dir = "gs://bucket/data"
+  workdir_lib.absolute_paths(config)
+  assert config.student_checkpoint == str(tmp_path / "runs" / "a" / "student")
+  assert config.init.audio == str(tmp_path.parent / "weights" / "vggish")
+  assert config.data.data_dir == "gs://bucket/data" and config.teacher_checkpoint == ""
+  workdir_lib.absolute_paths(teacher.get_config("tiny"))  # a config without some of the keys
 
 
 def test_finished_run_is_recognised_by_its_config(tmp_path):

@@ -1,4 +1,5 @@
-"""Workdir safety: one run at a time per workdir, and a finished run is not run again."""
+"""Workdir safety: one run at a time per workdir, a finished run is not run again, and the
+config.json a run writes names its inputs from any directory."""
 import contextlib
 import fcntl
 import json
@@ -15,6 +16,22 @@ import ml_collections
 from avemo_jax import parallel
 
 _LOCK, _DONE = ".lock", "finished.json"
+# The config's paths of inputs (when the config has the key).
+PATHS = ("data.data_dir", "teacher_checkpoint", "student_checkpoint", "audio_checkpoint",
+         "init.face_backbone", "init.audio")
+
+
+def absolute_paths(config: ml_collections.ConfigDict) -> None:
+  """Makes the relative `PATHS` of `config` absolute (URLs such as gs://... stay): config.json
+  then names the same inputs wherever a later tool runs (tools/export.py reads the checkpoints a
+  fusion-only run reused from it)."""
+  for key in PATHS:
+    *parents, leaf = key.split(".")
+    node = config
+    for name in parents:
+      node = node.get(name)
+    if node is not None and node.get(leaf) and "://" not in node[leaf]:
+      node[leaf] = os.path.abspath(node[leaf])
 
 
 @contextlib.contextmanager
