@@ -158,7 +158,7 @@ class Affectnet(tfds.core.GeneratorBasedBuilder):
     return find_inputs(manual_dir, self._image_root)
 
   def _split_generators(self, dl_manager):
-    csvs, root = self.find_inputs(dl_manager.manual_dir)
+    csvs, root = self.inputs  # tfds_common.prepare's find_inputs
     self.spill = spill.crop_folder(self, csvs.values(), root)
     splits = {}
     for s, path in csvs.items():
@@ -185,8 +185,7 @@ class Affectnet(tfds.core.GeneratorBasedBuilder):
           yield line, row, (tfds_common.Job(os.fspath(root / row.file), row.box),)
 
     what = f"affectnet {csv_path.name} ({part})"
-    with spill.CropJournal(os.path.join(self.spill, f"{split}_{part}.crops"),
-                                 what) as journal:
+    with spill.CropJournal(os.path.join(self.spill, f"{split}_{part}.crops"), what) as journal:
       for line, row, crops in tfds_common.crop_rows(self, rows(), journal, report, root, what):
         valid = -1 <= row.valence <= 1 and -1 <= row.arousal <= 1
         if not valid:

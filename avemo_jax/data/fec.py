@@ -155,7 +155,7 @@ class Fec(tfds.core.GeneratorBasedBuilder):
     return find_inputs(manual_dir, self._image_dir)
 
   def _split_generators(self, dl_manager):
-    csvs, images = self.find_inputs(dl_manager.manual_dir)
+    csvs, images = self.inputs  # tfds_common.prepare's find_inputs
     self.spill = spill.crop_folder(self, csvs.values(), images)
     reports = {s: tfds_common.SplitReport(p.name, _scan(p)) for s, p in csvs.items()}
     return {s: self._generate_examples(p, images, s, reports[s]) for s, p in csvs.items()}

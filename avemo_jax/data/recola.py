@@ -96,7 +96,7 @@ class Recola(tfds.core.GeneratorBasedBuilder):
     return check_all(manual_dir)
 
   def _split_generators(self, dl_manager):
-    checked = self.find_inputs(dl_manager.manual_dir)
+    checked = self.inputs  # tfds_common.prepare's find_inputs
     config = self.builder_config
     detector = faces.FaceDetector(**self.detector_options)
     settings = {"detector": detector.__getstate__(), "detect_every": self.detect_every,
@@ -197,7 +197,7 @@ def prepare(manual_dir, data_dir, *, image_size: int = 140, margin: float = 0.1,
 
 def _stamps(job: Job) -> list[list[Any]]:
   """Size and modification time of a recording's four files: other files, another result."""
-  return [[str(p), p.stat().st_size, p.stat().st_mtime_ns] for p in job.checked.files[1:]]
+  return [[str(p), *spill.stamp(p)] for p in job.checked.files[1:]]
 
 
 def _record(job: Job, result):

@@ -136,8 +136,6 @@ class CropJournal:
     self.close()
 
 
-
-
 def prepare(builder, manual_dir) -> tuple[dict, bool]:
   """`tfds_common.prepare` for a builder that keeps its finished work in `builder.spill` (a
   `folder`): kept when the preparation fails, so that the same command again resumes from it

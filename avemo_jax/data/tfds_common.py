@@ -180,8 +180,8 @@ def parallel_map(fn: Callable, items: Iterable, pool: concurrent.futures.Executo
       future.cancel()
 
 
-def crop_rows(builder, rows: Iterable[tuple[int, Any, tuple[Job, ...]]], journal: "spill.CropJournal",
-              report: "SplitReport", root, what: str
+def crop_rows(builder, rows: Iterable[tuple[int, Any, tuple[Job, ...]]],
+              journal: "spill.CropJournal", report: "SplitReport", root, what: str
               ) -> Iterator[tuple[int, Any, tuple[bytes, ...]]]:
   """(line, row, JPEG crops) for each (line, row, jobs) of a CSV whose images all crop, in
   order: jobs in `journal` are read from it, the others cropped by `builder.pool` (at most
@@ -372,7 +372,7 @@ def prepare(builder, manual_dir) -> tuple[dict, bool]:
   """Runs `builder` on `manual_dir` unless already prepared; (report, newly prepared).
   `builder.find_inputs(manual_dir)` looks for its inputs first, before tfds announces the
   preparation and makes its folders, so that a wrong --manual_dir fails at once and leaves
-  nothing behind. `builder.pool` (worker processes or None) serves all its splits and is shut
+  nothing behind; its `_split_generators` reads what it found from `builder.inputs`. `builder.pool` (worker processes or None) serves all its splits and is shut
   down here."""
   fresh = not builder.is_prepared()
   if fresh and not os.path.isdir(manual_dir):
@@ -380,7 +380,7 @@ def prepare(builder, manual_dir) -> tuple[dict, bool]:
                             "downloaded data set (see the builder's docstring for its layout)")
   if fresh:
     try:
-      builder.find_inputs(manual_dir)
+      builder.inputs = builder.find_inputs(manual_dir)
       # What a preparation that was killed left (tfds removes its folder only on an exception).
       for stale in epath.Path(builder.data_path).parent.glob(f"incomplete.*_{builder.version}"):
         logging.warning("removing %s, left by a preparation that stopped", stale)

@@ -102,7 +102,7 @@ class UnlabelledFaces(tfds.core.GeneratorBasedBuilder):
 
   def _split_generators(self, dl_manager):
     root = pathlib.Path(dl_manager.manual_dir)
-    return {"train": self._generate_examples(root, self.find_inputs(root))}
+    return {"train": self._generate_examples(root, self.inputs)}  # tfds_common.prepare's
 
   def _generate_examples(self, root: pathlib.Path, files: list[str]):
     detector = faces.FaceDetector(**self.detector_options)
