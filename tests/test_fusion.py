@@ -409,6 +409,12 @@ def test_tiny_fusion_end_to_end(tmp_path):
   drop_time = lambda d: {m: {k: v for k, v in e.items() if k != "train_seconds"}
                          for m, e in d["fusion"].items()}
   assert drop_time(again) == drop_time(summary) and "teacher" in again
+  # Another fusion seed retrains the GRUs (the old checkpoints set aside) on the same features.
+  config.fusion.seed, config.fusion.models = 1, ("audio",)
+  reseeded = stages.run(config, tmp_path)
+  assert cache.stat().st_mtime_ns == mtime
+  assert reseeded["fusion"]["audio"]["ccc_arousal"] != summary["fusion"]["audio"]["ccc_arousal"]
+  assert list((tmp_path / "fusion" / "audio" / "stale").iterdir())
 
 
 def test_modality_dropout_zeroes_whole_modalities_never_all():

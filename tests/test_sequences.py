@@ -49,6 +49,36 @@ def test_loudness_follows_arousal_while_speaking():
   assert len(silent_db) and np.median(silent_db) < np.median(np.concatenate(db)) - 15
 
 
+def _spoken_seconds(recs: sequences.SyntheticRecordings):
+  """Per 1 s spoken throughout: log energy in 24 frequency bands, mean (valence, arousal)."""
+  bands, labels = [], []
+  for r in range(len(recs)):
+    rec = recs[r]
+    halves = rec.audio.reshape(-1, sequences.SAMPLE_RATE // 2)
+    power = np.abs(np.fft.rfft(halves * np.hanning(halves.shape[1]), axis=1)) ** 2
+    log_bands = np.log(np.stack([b.sum(1) for b in np.array_split(power, 24, axis=1)], 1))
+    spoken = rec.speaking.reshape(-1, sequences.FPS).all(1)
+    bands.append(log_bands.reshape(-1, 2, 24).mean(1)[spoken])
+    labels.append(rec.labels.reshape(-1, sequences.FPS, 2).mean(1)[spoken])
+  return np.concatenate(bands), np.concatenate(labels)
+
+
+def test_voice_carries_arousal_well_and_valence_weakly():
+  """A ridge read-out of the voice's band energies, fitted on 12 speakers and scored on 4 others,
+  recovers arousal (pitch, loudness, rate) far better than valence (brightness alone, mixed with
+  the speaker's own variation). With valence at 0.7 of the brightness: 0.64 against 0.71."""
+  x, y = _spoken_seconds(sequences.SyntheticRecordings(12, seed=1, split="train", seconds=30.0,
+                                                       size=64))
+  x_dev, y_dev = _spoken_seconds(
+      sequences.SyntheticRecordings(4, seed=1, split="dev", seconds=30.0, size=64))
+  mean, std = x.mean(0), x.std(0)
+  design = lambda b: np.c_[(b - mean) / std, np.ones(len(b))]
+  w = np.linalg.solve(design(x).T @ design(x) + np.eye(25), design(x).T @ y)
+  pred = design(x_dev) @ w
+  valence, arousal = (np.corrcoef(pred[:, k], y_dev[:, k])[0, 1] for k in (0, 1))
+  assert arousal > 0.6 and 0.2 < valence < arousal - 0.2, (valence, arousal)
+
+
 def test_face_shows_valence_fully_and_arousal_in_part(recordings):
   rec = recordings[0]
   np.testing.assert_array_equal(rec.face_va[:, 0], rec.labels[:, 0])

@@ -9,8 +9,9 @@ As in real affect data, the two modalities see different parts of the state:
   the intensity of the circumplex inverse (clipped to the renderable range): these people are
   expressive, so that the face network's features (trained on pronounced faces) separate them;
 - the voice's pitch (+-0.6 octave), loudness (+-10 dB) and syllable rate (2-6.5 per second)
-  follow a mix of a and the speaker's own d', and valence shows only in its spectral brightness
-  (a mix of v and d'');
+  follow a mix of a and the speaker's own d', and valence shows only, and weakly, in its spectral
+  brightness (0.4 v + 0.6 d'': a linear read-out of the voice's spectrum recovers valence far less
+  well than arousal);
 - the person speaks in turns and listens in between (silence: only the room's noise), and now
   and then hides the face (a hand in front of it), each at random times of its own.
 
@@ -30,14 +31,14 @@ from scipy import ndimage
 
 from avemo_jax.data import synthetic
 
-VERSION = 2  # of the generator: part of feature-cache keys, bumped when its output changes
+VERSION = 3  # of the generator: part of feature-cache keys, bumped when its output changes
 FPS = 25  # label and video frames per second (RECOLA: 40 ms)
 SAMPLE_RATE = 16_000
 _SPLITS = {"train": 0, "dev": 1, "clips": 2}
 _CONTROL_RATE = 200  # Hz: voice parameters are computed at this rate, then interpolated
 _FACE_GAIN = 1.6  # expression intensity relative to `expression_for_valence_arousal`
 # Share of the rated dimension in each cue; the rest is the person's own smooth variation.
-_FACE_AROUSAL, _VOICE_AROUSAL, _VOICE_VALENCE = 0.8, 0.85, 0.7
+_FACE_AROUSAL, _VOICE_AROUSAL, _VOICE_VALENCE = 0.8, 0.85, 0.4
 # Uniform ranges (seconds) of speaking / listening turns and of visible / hidden face stretches.
 _SPEAK_S, _LISTEN_S = (1.5, 5.0), (0.8, 2.5)
 _VISIBLE_S, _HIDDEN_S = (2.0, 6.0), (0.8, 2.5)

@@ -127,7 +127,7 @@ def _features(config, workdir: pathlib.Path, student_variables, audio_variables
 
 def _fusion_stage(config, workdir: pathlib.Path, summary, par, write_summary, student_variables,
                   audio_variables) -> None:
-  cfg = config.fusion.train
+  cfg, seed = config.fusion.train, config.seed + config.fusion.seed
   start = time.perf_counter()
   raw, key = _features(config, workdir, student_variables, audio_variables)
   feats = features.standardize(raw, ("visual", "audio"))
@@ -153,11 +153,11 @@ def _fusion_stage(config, workdir: pathlib.Path, summary, par, write_summary, st
     stage = loop.Stage(
         name=f"fusion/{name}", config=cfg,
         step=functools.partial(steps.fusion_step, frames=config.fusion.chunk_frames,
-                               weights=dict(cfg.loss), seed=config.seed),
+                               weights=dict(cfg.loss), seed=seed),
         step_args=(train,),  # on the device, whole; the batches say which windows to train on
         init=lambda model=model, dims=dims: state_lib.create(
-            model, cfg, jax.random.key(config.seed + 3), build.fusion_inputs(dims)),
-        batches=pipeline.chunk_iterator(train["lengths"], seed=config.seed, batch=cfg.batch,
+            model, cfg, jax.random.key(seed + 3), build.fusion_inputs(dims)),
+        batches=pipeline.chunk_iterator(train["lengths"], seed=seed, batch=cfg.batch,
                                         frames=config.fusion.chunk_frames, data=config.data),
         evaluate=evaluate,
         trained_from=provenance.settings(config, "fusion", "seed", features={
