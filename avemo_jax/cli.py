@@ -33,9 +33,20 @@ def _home(config: ml_collections.ConfigDict) -> None:
       config[key] = os.path.expanduser(value)
 
 
+def config_files(argv: list[str]) -> list[str]:
+  """The FILE[:ARG] of every --config=FILE[:ARG] and --config FILE[:ARG] in `argv`."""
+  files = []
+  for i, arg in enumerate(argv):
+    if arg.startswith("--config="):
+      files.append(arg[9:])
+    elif arg == "--config" and i + 1 < len(argv):
+      files.append(argv[i + 1])
+  return files
+
+
 def _bad_config(argv: list[str], problem: str) -> str:
   """The error line of a --config that does not load, listing the config files of its folder."""
-  spec = next((a.split("=", 1)[1] for a in reversed(argv) if a.startswith("--config=")), "")
+  spec = next(iter(config_files(argv)), "")
   folder = pathlib.Path(spec.split(":")[0]).parent
   folder = folder if folder.is_dir() else pathlib.Path("configs")
   names = sorted(p.name for p in folder.glob("*.py") if "def get_config" in p.read_text())
@@ -44,6 +55,8 @@ def _bad_config(argv: list[str], problem: str) -> str:
 
 
 def _parse(argv: list[str]) -> list[str]:
+  if len(given := config_files(argv)) > 1:  # config_flags would silently take the first
+    sys.exit(f"error: --config given more than once ({', '.join(given)}): give one")
   try:
     rest = flags.FLAGS(argv)
     for name in flags.FLAGS:

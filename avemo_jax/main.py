@@ -14,9 +14,8 @@ from avemo_jax.train import workdir as workdir_lib
 def _configs_importable() -> None:
   """configs/*.py import `configs.common`: the folder holding the given file's configs/ goes on
   the path, so that a config loads from any working directory."""
-  for arg in sys.argv[1:]:
-    if arg.startswith("--config="):
-      sys.path.insert(0, str(pathlib.Path(arg[9:].split(":")[0]).resolve().parent.parent))
+  for spec in cli.config_files(sys.argv[1:]):
+    sys.path.insert(0, str(pathlib.Path(spec.split(":")[0]).resolve().parent.parent))
 
 
 _configs_importable()

@@ -75,16 +75,35 @@ _CONFIGS = "the configs in configs/: audio.py, distill.py, fusion.py, teacher.py
     ("--config=configs/nowhere.py",
      f"error: --config=configs/nowhere.py: no such file; {_CONFIGS}"),
     ("--config=configs/common.py:tiny", "error: --config=configs/common.py:tiny: not a config file "
-     f"(it has no get_config); {_CONFIGS}")])
+     f"(it has no get_config); {_CONFIGS}"),
+    ("--config=configs/audio.py:tiny --config=configs/teacher.py:tiny",
+     "error: --config given more than once (configs/audio.py:tiny, configs/teacher.py:tiny): "
+     "give one")])
 def test_cli_reports_a_config_mistake_in_one_line(tmp_path, override, message):
   """One line, and no trace of the run: no workdir (so no lock), no config dump."""
-  config = override if override.startswith("--config=") else "--config=configs/teacher.py:tiny"
-  result = _main(config, f"--workdir={tmp_path / 'run'}", *[override] * (override != config))
+  args = (override.split(" ") if override.startswith("--config=")
+          else ["--config=configs/teacher.py:tiny", override])
+  result = _main(*args, f"--workdir={tmp_path / 'run'}")
   lines = result.stderr.strip().splitlines()
   assert result.returncode == 1 and lines[-1].startswith(message), result.stderr[-2000:]
   assert "Traceback" not in result.stderr and "config:" not in result.stderr
   assert not any(line.startswith("Pass --help") for line in lines)
   assert not (tmp_path / "run").exists()
+
+
+def test_a_config_loads_from_any_directory(tmp_path):
+  """--config=FILE and --config FILE, from another working directory: the folder holding
+  configs/ goes on the path (the configs import configs.common); the config is read (its
+  validation speaks) and nothing is written."""
+  config = f"{ROOT}/configs/teacher.py:tiny"
+  for spelling in ([f"--config={config}"], ["--config", config]):
+    result = subprocess.run(
+        [sys.executable, "-m", "avemo_jax.main", *spelling, "--config.teacher.num_steps=-1",
+         f"--workdir={tmp_path / 'run'}"], cwd=tmp_path, capture_output=True, text=True,
+        timeout=300)
+    assert result.stderr.strip().splitlines()[-1] == (
+        "error: config.teacher.num_steps=-1: must be >= 0"), result.stderr[-2000:]
+  assert list(tmp_path.iterdir()) == []
 
 
 def test_a_tool_reports_a_missing_flag_in_one_line(tmp_path):
