@@ -193,8 +193,11 @@ def test_affectnet_splits_that_would_be_empty(affectnet_data, tmp_path):
   (tmp_path / "empty" / "Manually_Annotated_Images" / "new" / "empty.jpg").write_bytes(b"")
   with pytest.raises(ValueError, match="no examples for split validation_7class.*unreadable"):
     affectnet.prepare(tmp_path / "empty", tmp_path / "data", image_size=16, margin=0.0)
+  # Left behind: the crops made so far (for the next attempt), not tfds's empty folders.
+  assert [p.name[:16] for p in (tmp_path / "data").iterdir()] == ["affectnet_spill_"]
   _affectnet_copy(root, tmp_path / "seven", lambda f: None if f[6] == "7" else f)
   report, _ = affectnet.prepare(tmp_path / "seven", tmp_path / "data", image_size=16, margin=0.0)
+  assert sorted(p.name for p in (tmp_path / "data").iterdir()) == ["affectnet"]
   assert report["validation"]["notes"]["no Contempt rows: no contempt split"] == 1
   assert set(report["validation"]["written"]) == {"validation_7class"}
   written = [r for r in truth["validation.csv"] if r.expect == "written" and r.label != 7]

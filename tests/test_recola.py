@@ -207,12 +207,13 @@ def test_an_interrupted_preparation_resumes_from_its_finished_recordings(
   with pytest.raises(KeyboardInterrupt):
     recola.prepare(root / "manual", data, image_size=SIZE, margin=MARGIN, detector_options=FAST)
   assert processed == ["train_1", "train_2", "dev_1"]
-  spill, = data.glob("recola_spill_*")
+  spill, = data.iterdir()  # the finished recordings; not tfds's empty folders
+  assert spill.name.startswith("recola_spill_")
   assert sorted(p.name for p in spill.glob("*.json")) == ["train_1.json", "train_2.json"]
   processed.clear()
   monkeypatch.setattr(recola, "process", process)
   killed = data / "recola" / "48px_margin0.1" / "incomplete.ABC123_1.0.0"  # as SIGKILL leaves it
-  killed.mkdir()
+  killed.mkdir(parents=True)
   (killed / "recola-train.array_record-00000-of-00001").write_bytes(b"x" * 1000)
   resumed, fresh = recola.prepare(root / "manual", data, image_size=SIZE, margin=MARGIN,
                                   detector_options=FAST)

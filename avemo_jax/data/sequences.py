@@ -17,8 +17,8 @@ As in real affect data, the two modalities see different parts of the state:
 
 Audio is thus better for arousal and the face for valence, but each modality is missing for
 stretches of time, independently of the other: only a fused model can fill one's gaps with the
-other, as on real recordings (README, *Results*: it beats either on valence, and on arousal in
-the mean of 5 seeds, not in every run).
+other, as on real recordings (README, *Results*: in the mean over fusion seeds it beats either
+on both dimensions, not in every run).
 
 Everything is a pure function of (seed, split, recording index); clips for the audio stage come
 from the same voice with a constant (valence, arousal) per clip.

@@ -368,12 +368,19 @@ def check_written(report: SplitReport, split: str) -> None:
         "Check --manual_dir and the image folder (see the module docstring)")
 
 
+def _remove_empty(*folders: epath.Path) -> None:
+  for folder in folders:  # in order: a parent after its children
+    if folder.is_dir() and not any(folder.iterdir()):
+      folder.rmdir()
+
+
 def prepare(builder, manual_dir) -> tuple[dict, bool]:
   """Runs `builder` on `manual_dir` unless already prepared; (report, newly prepared).
   `builder.find_inputs(manual_dir)` looks for its inputs first, before tfds announces the
   preparation and makes its folders, so that a wrong --manual_dir fails at once and leaves
-  nothing behind; its `_split_generators` reads what it found from `builder.inputs`. `builder.pool` (worker processes or None) serves all its splits and is shut
-  down here."""
+  nothing behind; its `_split_generators` reads what it found from `builder.inputs`.
+  `builder.pool` (worker processes or None) serves all its splits and is shut down here. The
+  empty folders tfds makes (downloads/, and the data set's own when it fails) are removed."""
   fresh = not builder.is_prepared()
   if fresh and not os.path.isdir(manual_dir):
     raise FileNotFoundError(f"--manual_dir={manual_dir}: no such folder; give the folder of the "
@@ -390,6 +397,10 @@ def prepare(builder, manual_dir) -> tuple[dict, bool]:
     finally:
       if builder.pool is not None:
         builder.pool.shutdown(cancel_futures=True)
+      version = epath.Path(builder.data_path)  # DATA_DIR/<name>/<variant>/<version>
+      root = version.parents[2]
+      _remove_empty(root / "downloads" / "extracted", root / "downloads", version.parent,
+                    version.parents[1])
   else:
     logging.warning("%s is already prepared: delete it to prepare again", builder.data_path)
   return {k: v for k, v in builder.info.metadata.items()}, fresh
