@@ -165,19 +165,35 @@ def workdir_config(workdir: str | pathlib.Path):
   return ml_collections.ConfigDict(json.loads(path.read_text()))
 
 
+def _stage_configs(workdir: pathlib.Path, config) -> Callable[[str], Any]:
+  """stage -> the config of the run that trained it (WORKDIR/<stage>/config.json; before those
+  were written, WORKDIR/config.json), or `config` for every stage where one is given."""
+  import ml_collections
+  if config is not None:
+    return lambda stage: config
+  latest = workdir_config(workdir)
+
+  def of(stage: str):
+    path = workdir / stage.split("/")[0] / "config.json"
+    return (ml_collections.ConfigDict(json.loads(path.read_text())) if path.is_file()
+            else latest)
+  return of
+
+
 def export_workdir(config, workdir: str | pathlib.Path, out: str | pathlib.Path, *,
                    onnx: str = "auto") -> dict[str, pathlib.Path]:
   """Exports every trained model of `workdir` to OUT/<name>, and the models its run read from
   other checkpoints instead of training them (`_reused_sources`), from those checkpoints.
 
-  `config`: the one the workdir was trained with; None reads WORKDIR/config.json.
+  `config`: the one the workdir was trained with; None reads the config each stage was trained
+  with (WORKDIR/<stage>/config.json): later runs in the workdir do not change what is exported.
   `onnx`: "auto" (convert where jax2onnx is installed), "on" (it must be) or "off".
   Returns {name: directory}.
   """
   if onnx not in ("auto", "on", "off"):
     raise ValueError(f"onnx={onnx!r}: choose 'auto', 'on' or 'off'")
   workdir, out = pathlib.Path(workdir), pathlib.Path(out)
-  config = workdir_config(workdir) if config is None else config
+  config_of = _stage_configs(workdir, config)
   stages = {n: workdir / n for n in (*FACE_STAGES, "audio")}
   stages.update({f"fusion/{m}": workdir / "fusion" / m for m in FUSION_MODELS})
   found = {n: d for n, d in stages.items() if _steps(d)}
@@ -187,8 +203,8 @@ def export_workdir(config, workdir: str | pathlib.Path, out: str | pathlib.Path,
         f"any of {list(stages)}. Train first: python -m avemo_jax.main --config=... "
         f"--workdir={workdir}")
   # Restored and checked before anything is written: a bad source leaves the export as it was.
-  reused = {name: _reused(config, workdir, name, key)
-            for name, key in _reused_sources(config, found).items()}
+  reused = {name: _reused(config_of(_READERS[name]), workdir, name, key)
+            for name, key in _reused_sources(config_of, found).items()}
   for name, (stage_dir, _) in reused.items():
     if name in found and found[name].resolve() != stage_dir.resolve():
       logging.warning("export: %s not exported: the run read its %s from %s (config.%s_checkpoint)",
@@ -196,6 +212,7 @@ def export_workdir(config, workdir: str | pathlib.Path, out: str | pathlib.Path,
   from avemo_jax.train import features
   written = {}
   for name in [n for n in stages if n in found or n in reused]:
+    config = config_of(_READERS[name] if name in reused else name)
     if name in reused:
       stage_dir, (fn, variables, inputs, outputs, info) = reused[name]
       source = {"workdir": str(stage_dir.parent.resolve()), "stage": stage_dir.name,
@@ -222,14 +239,15 @@ def _parts(config, workdir: pathlib.Path, name: str, stage_dir: pathlib.Path):
   return _fusion(config, workdir, name.split("/")[1])
 
 
-def _reused_sources(config, found) -> dict[str, str]:
-  """{model: config key} of the models the run read from config.<model>_checkpoint, where the
-  stage that read it (`_READERS`) is among `found` (this workdir's trained models). As
-  stages._visual_stages and av_stages.run: a teacher_checkpoint is read even with "teacher" in
-  config.stages; a student or audio checkpoint only when that stage did not run."""
+def _reused_sources(config_of: Callable[[str], Any], found) -> dict[str, str]:
+  """{model: config key} of the models the runs read from config.<model>_checkpoint, where the
+  stage that read it (`_READERS`) is among `found` (this workdir's trained models) and
+  `config_of(stage)` is the config it was trained with. As stages._visual_stages and
+  av_stages.run: a teacher_checkpoint is read even with "teacher" in config.stages; a student or
+  audio checkpoint only when that stage did not run."""
   out = {}
   for name, reader in _READERS.items():
-    key = f"{name}_checkpoint"
+    key, config = f"{name}_checkpoint", config_of(reader)
     trained = name in config.stages and name != "teacher"
     if (config[key] and reader in config.stages and not trained
         and any(n.split("/")[0] == reader for n in found)):

@@ -17,6 +17,7 @@ from avemo_jax import export, export_eval, exported, predict
 from avemo_jax.train import av_stages, build, features, stages
 from avemo_jax.train import state as state_lib
 from avemo_jax.train.checkpoint import load_variables
+from configs import audio as audio_configs
 from configs import fusion
 
 MODELS = ("teacher", "student", "audio", "fusion/audio", "fusion/visual", "fusion/fused")
@@ -248,8 +249,15 @@ def test_export_of_a_fusion_only_run_holds_the_models_it_read(tiny_run, fusion_o
   _, _, run1_summary = tiny_run
   run1, workdir = fusion_only
   root = tmp_path / "export"
-  assert list(export.export_workdir(None, workdir, root, onnx="off")) == [
-      "student", "audio", "fusion/fused"]
+  # A later run in the workdir (here an audio-only config) rewrites WORKDIR/config.json; each
+  # stage's own config.json still says what it read.
+  latest = (workdir / "config.json").read_text()
+  (workdir / "config.json").write_text(audio_configs.get_config("tiny").to_json_best_effort())
+  try:
+    assert list(export.export_workdir(None, workdir, root, onnx="off")) == [
+        "student", "audio", "fusion/fused"]
+  finally:
+    (workdir / "config.json").write_text(latest)
   fused = exported.load(root / "fusion" / "fused", "fusion")
   assert fused.manifest["source"]["workdir"] == str(workdir.resolve())
   for name, modality in (("student", "visual"), ("audio", "audio")):
@@ -314,12 +322,12 @@ def test_which_models_a_run_read_from_other_workdirs():
                     (("student",), ["teacher"]), (("fusion",), ["student", "audio"]),
                     (("audio", "fusion"), ["student"]), (("teacher", "audio"), [])):
     config.stages = run
-    assert list(export._reused_sources(config, trained)) == want, run
+    assert list(export._reused_sources(lambda stage: config, trained)) == want, run
   config.stages = ("fusion",)
-  assert export._reused_sources(config, {"student": None}) == {}  # its fusion models: elsewhere
+  assert export._reused_sources(lambda stage: config, {"student": None}) == {}  # fusion: elsewhere
   config.stages = ("student", "fusion")
   config.teacher_checkpoint = config.audio_checkpoint = ""
-  assert export._reused_sources(config, trained) == {}
+  assert export._reused_sources(lambda stage: config, trained) == {}
 
 
 def _arrays():

@@ -2,8 +2,8 @@
 
   python tools/export.py --workdir=WORKDIR --out=EXPORT_DIR [--onnx=auto]
 
-The architectures come from WORKDIR/config.json, which every training run writes (or give
---config=configs/... with the run's --config.* overrides). Writes
+Each model's architecture comes from WORKDIR/<stage>/config.json, the config of the run that
+trained it (or give --config=configs/... with the run's --config.* overrides). Writes
 EXPORT_DIR/{teacher,student,audio,fusion/<model>} for what the workdir holds and for what its run
 read from another workdir instead of training it (--config.student_checkpoint, audio_checkpoint,
 teacher_checkpoint), from there; load one with `avemo_jax.export.load(DIR)` or, without this
@@ -25,8 +25,9 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 __doc__ += "\n" + export.__doc__
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "The config the workdir was trained "
-                                          "with (default: WORKDIR/config.json).", lock_config=True)
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "The config the workdir was trained with (default: each stage's "
+    "WORKDIR/<stage>/config.json).", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", "workdir", "The training run's --workdir.")
 _OUT = flags.DEFINE_string("out", None, "Where the exported model directories go.", required=True)
 _ONNX = flags.DEFINE_enum("onnx", "auto", ["auto", "on", "off"], "ONNX models too: 'auto' where "

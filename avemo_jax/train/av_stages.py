@@ -90,7 +90,7 @@ def _audio_stage(config, workdir: pathlib.Path, summary, par, write_summary) -> 
       trained_from=provenance.settings(config, "audio", "sequences", "seed", "init.audio",
                                        "data.source", "data.data_dir"))
   state, summary["audio"] = loop.train(stage, workdir / "audio", config.max_checkpoints, par)
-  write_summary(workdir, summary)
+  write_summary(workdir, summary, "audio")
   logging.info("[audio] dev clips %s", summary["audio"])
   return parallel.local(state.variables)
 
@@ -175,7 +175,7 @@ def _fusion_stage(config, workdir: pathlib.Path, summary, par, write_summary, st
                               plot_dir / f"{names[r]}.png", names[r], gaps=gaps[r])
   summary["fusion"] = report
   summary["fusion_by_condition"] = by_condition(gaps, dev["labels"], dev_predictions, lengths)
-  write_summary(workdir, summary)
+  write_summary(workdir, summary, "fusion")
 
 
 def dev_recordings(config) -> tuple[list[str], list[dict[str, np.ndarray]]]:

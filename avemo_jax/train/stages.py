@@ -29,12 +29,15 @@ def _write_json(path: pathlib.Path, content: Any) -> None:
   tmp.replace(path)
 
 
-def _write_summary(workdir: pathlib.Path, summary: dict[str, Any],
+def _write_summary(workdir: pathlib.Path, summary: dict[str, Any], stage: str,
                    config: ml_collections.ConfigDict) -> None:
-  """summary.json, and beside it config.json: the config of the run whose models the summary
-  describes (tools/export.py reads the architectures from it). Written only once a stage has
-  finished, so a run that fails early leaves an earlier run's config in place."""
-  _write_json(workdir / "config.json", json.loads(config.to_json_best_effort()))
+  """summary.json, and the config of the run that finished `stage` as config.json beside it and
+  in the stage's folder (tools/export.py reads the architectures, and what the stage read from
+  other workdirs, from the latter: a later run in the workdir rewrites only the former). Written
+  only once a stage has finished, so a run that fails early leaves an earlier run's config."""
+  content = json.loads(config.to_json_best_effort())
+  _write_json(workdir / stage / "config.json", content)
+  _write_json(workdir / "config.json", content)
   _write_json(workdir / "summary.json", summary)
 
 
@@ -45,7 +48,7 @@ def _finish(workdir: pathlib.Path, name: str, result: dict[str, Any], summary: d
                                synthetic.EXPRESSIONS[:len(result["confusion"])],
                                workdir / name / "confusion.png", f"{name}: held-out faces")
   summary[name] = {k: v for k, v in result.items() if k != "predictions"}
-  _write_summary(workdir, summary, config)
+  _write_summary(workdir, summary, name, config)
   logging.info("[%s] %s", name, {k: round(v, 4) for k, v in summary[name].items()
                                   if isinstance(v, float)})
 
