@@ -27,7 +27,7 @@ _FREE = {"num_steps", "log_every", "eval_every", "checkpoint_every", "checkpoint
          "on_nonfinite", "profile_steps", "profile_first", "learning_rate", "warmup_steps",
          "weight_decay", "grad_clip",  # data: how it is read; fusion: which models, how run
          "eval_batch", "num_threads", "prefetch", "workers", "models", "gru_kernel", "unroll"}
-_OUTPUTS = ("checkpoints", "metrics.jsonl", "confusion.png", "profile")
+_OUTPUTS = ("checkpoints", "metrics.jsonl", "confusion.png", "profile", "config.json")
 
 
 def settings(config: ml_collections.ConfigDict, *keys: str, **inputs: Any) -> dict[str, Any]:
