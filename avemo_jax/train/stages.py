@@ -80,6 +80,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if unknown:
     raise ValueError(f"config.stages has unknown {sorted(unknown)}; choose from {STAGES}")
   build.compute_dtype(config.dtype)
+  for key, seed in (("seed", config.seed), ("fusion.seed", config.fusion.seed)):
+    if seed < 0:  # NumPy's generators (the data, the batch order) take none
+      raise ValueError(f"config.{key}={seed}: must be >= 0")
   wrong_models = set(config.fusion.models) - set(av_stages.MODEL_MODALITIES)
   if wrong_models:
     raise ValueError(f"config.fusion.models has {sorted(wrong_models)}; choose from "
