@@ -173,6 +173,7 @@ def _stage_configs(workdir: pathlib.Path, config) -> Callable[[str], Any]:
     return lambda stage: config
   latest = workdir_config(workdir)
 
+  @functools.cache  # asked for once per model and once per model it read
   def of(stage: str):
     path = workdir / stage.split("/")[0] / "config.json"
     return (ml_collections.ConfigDict(json.loads(path.read_text())) if path.is_file()

@@ -75,10 +75,10 @@ def _adamw(learning_rate, warmup_steps, decay_steps, weight_decay, grad_clip
 
 
 def make_optimizer(stage: ml_collections.ConfigDict) -> optax.GradientTransformation:
-  """AdamW on the schedule, after global-norm clipping, decaying kernels only. Its settings are arrays of the optimizer
-  state (`optax.inject_hyperparams`), inputs of the compiled step rather than constants in it:
-  runs and stages that differ in them alone (`num_steps`, `learning_rate`, ...) share one
-  compiled step, from the persistent compilation cache too."""
+  """AdamW on the schedule, after global-norm clipping, decaying kernels only. Its settings are
+  arrays of the optimizer state (`optax.inject_hyperparams`), inputs of the compiled step rather
+  than constants in it: runs and stages that differ in them alone (`num_steps`, `learning_rate`,
+  ...) share one compiled step, from the persistent compilation cache too."""
   return optax.inject_hyperparams(_adamw)(**hyperparameters(stage))
 
 
